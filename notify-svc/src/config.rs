@@ -1,0 +1,117 @@
+//! Typed configuration: every setting is a flag and an environment variable,
+//! documented in `--help`. Invalid values stop the process before anything binds.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use service_kit::{kafka::KafkaOptions, telemetry::LogFormat};
+
+/// Consumes OrderCreated events and sends a notification for each one,
+/// at least once, with retries and a dead-letter topic.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "notify-svc", version)]
+pub struct Config {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Topic to consume OrderCreated events from.
+    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
+    pub orders_topic: String,
+
+    /// Consumer group; instances in one group share the topic's partitions.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "notification-group")]
+    pub kafka_group_id: String,
+
+    /// Topic for records that cannot be handled (undecodable, unknown type,
+    /// permanently refused or out of retries).
+    #[arg(long, env = "DLQ_TOPIC", default_value = "orders.dlq")]
+    pub dlq_topic: String,
+
+    /// Extra librdkafka properties, "key=value,key=value", for the consumer and
+    /// the dead-letter producer; they override the service's defaults.
+    #[arg(
+        long,
+        env = "KAFKA_OPTIONS",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub kafka_options: KafkaOptions,
+
+    /// Send notifications as JSON POSTs to this URL instead of logging them.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    pub notify_webhook_url: Option<reqwest::Url>,
+
+    /// Timeout of one webhook request.
+    #[arg(long, env = "NOTIFY_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub notify_webhook_timeout: Duration,
+
+    /// Attempts per notification (the first included) before it goes to the
+    /// dead-letter topic.
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub retry_max_attempts: u32,
+
+    /// Upper bound of the first retry's delay (full jitter: the delay is
+    /// random between 0 and the bound, which doubles per attempt).
+    #[arg(long, env = "RETRY_INITIAL_DELAY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub retry_initial_delay: Duration,
+
+    /// Largest retry delay bound.
+    #[arg(long, env = "RETRY_MAX_DELAY", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_max_delay: Duration,
+
+    /// How many recent event ids are remembered to drop duplicate deliveries.
+    #[arg(long, env = "DEDUP_CACHE_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub dedup_cache_size: u64,
+
+    /// Largest record value decoded; larger ones go to the dead-letter topic.
+    #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub max_record_bytes: u64,
+
+    /// Records buffered per partition between the fetcher and that
+    /// partition's worker.
+    #[arg(long, env = "PARTITION_BUFFER", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub partition_buffer: u64,
+
+    /// Address of the operations HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_addr: SocketAddr,
+
+    /// How long start-up waits for the broker to answer and the topic to exist.
+    #[arg(long, env = "KAFKA_STARTUP_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kafka_startup_timeout: Duration,
+
+    /// How long shutdown waits for in-flight records before committing.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Exit 0 if the service on METRICS_ADDR is ready, 1 otherwise (for
+    /// container health checks).
+    Healthcheck,
+}
+
+impl Config {
+    /// The defaults, with `brokers`, `topic` and `group` set: a starting
+    /// point for tests.
+    pub fn for_tests(brokers: &str, topic: &str, group: &str) -> Self {
+        let mut config = Config::parse_from(["notify-svc"]);
+        config.metrics_addr = ([127, 0, 0, 1], 0).into();
+        config.kafka_brokers = brokers.to_owned();
+        config.orders_topic = topic.to_owned();
+        config.kafka_group_id = group.to_owned();
+        config.dlq_topic = format!("{topic}.dlq");
+        config
+    }
+}

@@ -1,0 +1,143 @@
+//! The dead-letter topic: records that cannot be handled are published there
+//! with their original key, value and headers, plus headers saying where they
+//! came from and why they failed. A record is only let go of (its offset
+//! stored) once the dead-letter topic has acknowledged it.
+
+use std::time::Duration;
+
+use rdkafka::{
+    ClientConfig,
+    error::KafkaError,
+    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+};
+
+/// Header names added to a dead-lettered record.
+pub mod header {
+    /// Topic the record was consumed from.
+    pub const ORIGINAL_TOPIC: &str = "dlq.original.topic";
+    /// Its partition.
+    pub const ORIGINAL_PARTITION: &str = "dlq.original.partition";
+    /// Its offset.
+    pub const ORIGINAL_OFFSET: &str = "dlq.original.offset";
+    /// Short error class, e.g. `malformed`, `unknown_type`, `retries_exhausted`.
+    pub const ERROR_CLASS: &str = "dlq.error.class";
+    /// Human-readable reason.
+    pub const ERROR_MESSAGE: &str = "dlq.error.message";
+    /// Notification attempts made (0 when it never got that far).
+    pub const ATTEMPTS: &str = "dlq.attempts";
+    /// When it was dead-lettered, RFC 3339.
+    pub const FAILED_AT: &str = "dlq.failed.at";
+}
+
+/// Why a record is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Short stable class (also the metric's `reason` label).
+    pub class: &'static str,
+    /// What happened.
+    pub message: String,
+    /// Notification attempts made.
+    pub attempts: u32,
+}
+
+/// Producer defaults for the dead-letter topic. Not idempotent: a dead letter
+/// published twice is harmless, while an idempotent producer's epoch bump after
+/// an outage is not (see BROKER.md in the project's history).
+pub const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
+    ("acks", "all"),
+    ("enable.idempotence", "false"),
+    ("message.timeout.ms", "10000"),
+    ("linger.ms", "5"),
+];
+
+/// Publishes dead letters.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl DeadLetters {
+    /// A dead-letter publisher to `topic`.
+    pub fn new(config: &ClientConfig, topic: String) -> Result<Self, KafkaError> {
+        Ok(Self {
+            producer: config.create()?,
+            topic,
+        })
+    }
+
+    /// The producer, for start-up checks.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Publishes `original` with `failure`'s headers; Ok once acknowledged.
+    pub async fn publish(
+        &self,
+        original: &OwnedMessage,
+        failure: &Failure,
+    ) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = original.headers() {
+            for header in h.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let failed_at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let partition = original.partition().to_string();
+        let offset = original.offset().to_string();
+        let attempts = failure.attempts.to_string();
+        for (key, value) in [
+            (header::ORIGINAL_TOPIC, original.topic()),
+            (header::ORIGINAL_PARTITION, partition.as_str()),
+            (header::ORIGINAL_OFFSET, offset.as_str()),
+            (header::ERROR_CLASS, failure.class),
+            (header::ERROR_MESSAGE, failure.message.as_str()),
+            (header::ATTEMPTS, attempts.as_str()),
+            (header::FAILED_AT, failed_at.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(key) = original.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = original.payload() {
+            record = record.payload(value);
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(15),
+            self.producer.send(record, Duration::from_secs(1)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error),
+            Err(_) => Err(KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+            )),
+        }
+    }
+}

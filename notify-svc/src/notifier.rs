@@ -1,0 +1,199 @@
+//! Where notifications go: a log line (the default) or a webhook.
+//!
+//! Every sink answers with a [`NotifyError`] that says whether trying again
+//! can help ([`NotifyError::Transient`]) or not ([`NotifyError::Permanent`]);
+//! the processor retries the first and dead-letters the second.
+
+use std::time::Duration;
+
+use orders_contract::v1::OrderCreated;
+use reqwest::StatusCode;
+use serde::Serialize;
+
+/// One line of a notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotificationItem {
+    /// Product SKU.
+    pub sku: String,
+    /// Units ordered.
+    pub quantity: u32,
+    /// Price of one unit in the minor unit.
+    pub unit_price_minor: i64,
+}
+
+/// What a notification says: the JSON body of a webhook POST.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Notification {
+    /// The event id; also the `Idempotency-Key` header.
+    pub event_id: String,
+    /// The order.
+    pub order_id: String,
+    /// Who ordered.
+    pub user_id: String,
+    /// What was ordered.
+    pub items: Vec<NotificationItem>,
+    /// Order total in the minor unit.
+    pub total_minor: i64,
+    /// ISO 4217 currency code.
+    pub currency: String,
+    /// When the order was created, RFC 3339.
+    pub occurred_at: String,
+    /// W3C trace id of the trace this notification belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+impl Notification {
+    /// The notification for `event`.
+    pub fn from_event(event: &OrderCreated, trace_id: Option<String>) -> Self {
+        let order = event.order.clone().unwrap_or_default();
+        let occurred_at = event
+            .occurred_at
+            .as_ref()
+            .and_then(orders_contract::from_timestamp)
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        Self {
+            event_id: event.event_id.clone(),
+            order_id: order.order_id,
+            user_id: order.user_id,
+            items: order
+                .items
+                .into_iter()
+                .map(|i| NotificationItem {
+                    sku: i.sku,
+                    quantity: i.quantity,
+                    unit_price_minor: i.unit_price_minor,
+                })
+                .collect(),
+            total_minor: order.total_minor,
+            currency: order.currency,
+            occurred_at,
+            trace_id,
+        }
+    }
+}
+
+/// Why a notification was not sent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotifyError {
+    /// Worth retrying: timeouts, connection errors, 408, 429, 5xx.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Not worth retrying: other 4xx, an unusable URL.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// A notification sink.
+#[derive(Debug, Clone)]
+pub enum Notifier {
+    /// One structured log line per notification.
+    Log,
+    /// An HTTP POST of the notification as JSON.
+    Webhook(Webhook),
+}
+
+impl Notifier {
+    /// Sends `notification`.
+    pub async fn send(&self, notification: &Notification) -> Result<(), NotifyError> {
+        match self {
+            Notifier::Log => {
+                tracing::info!(
+                    order_id = %notification.order_id,
+                    user_id = %notification.user_id,
+                    total_minor = notification.total_minor,
+                    currency = %notification.currency,
+                    items = notification.items.len(),
+                    event_id = %notification.event_id,
+                    trace_id = %notification.trace_id.as_deref().unwrap_or("-"),
+                    "notification: order created"
+                );
+                Ok(())
+            }
+            Notifier::Webhook(webhook) => webhook.send(notification).await,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notifier::Log => "log",
+            Notifier::Webhook(_) => "webhook",
+        }
+    }
+}
+
+/// POSTs notifications to a URL, reusing connections.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    client: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl Webhook {
+    /// A webhook sink for `url`; each request times out after `timeout`.
+    pub fn new(url: reqwest::Url, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("notify-svc/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { client, url })
+    }
+
+    async fn send(&self, notification: &Notification) -> Result<(), NotifyError> {
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header("Idempotency-Key", &notification.event_id)
+            .json(notification)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_builder() {
+                    NotifyError::Permanent(format!("cannot build the request: {e}"))
+                } else {
+                    NotifyError::Transient(format!("request failed: {e}"))
+                }
+            })?;
+        classify(response.status())
+    }
+}
+
+/// Sorts an HTTP status into success, transient or permanent failure.
+pub fn classify(status: StatusCode) -> Result<(), NotifyError> {
+    if status.is_success() {
+        Ok(())
+    } else if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        Err(NotifyError::Transient(format!("webhook answered {status}")))
+    } else {
+        Err(NotifyError::Permanent(format!("webhook answered {status}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        assert!(classify(StatusCode::OK).is_ok());
+        assert!(classify(StatusCode::NO_CONTENT).is_ok());
+        for s in [500, 502, 503, 504, 408, 429] {
+            let s = StatusCode::from_u16(s).unwrap();
+            assert!(matches!(classify(s), Err(NotifyError::Transient(_))), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 410, 422] {
+            let s = StatusCode::from_u16(s).unwrap();
+            assert!(matches!(classify(s), Err(NotifyError::Permanent(_))), "{s}");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Typed configuration: every setting is a flag and an environment variable,
+//! documented in `--help`. Invalid values stop the process before anything binds.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use service_kit::{kafka::KafkaOptions, telemetry::LogFormat};
+
+/// The order API: validates orders and publishes an OrderCreated event to Kafka
+/// for each one, answering only once the broker has acknowledged it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "order-svc", version)]
+pub struct Config {
+    /// Address of the gRPC server.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the operations HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Topic the OrderCreated events are published to.
+    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
+    pub orders_topic: String,
+
+    /// Extra librdkafka properties, "key=value,key=value"; they override the
+    /// service's defaults (for example security.protocol, sasl.*, linger.ms).
+    #[arg(
+        long,
+        env = "KAFKA_OPTIONS",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub kafka_options: KafkaOptions,
+
+    /// Longest wait for the broker to acknowledge an event before CreateOrder
+    /// answers UNAVAILABLE (for example "5s", "800ms"); at most 10s.
+    #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_publish_timeout)]
+    pub publish_timeout: Duration,
+
+    /// How long start-up waits for the broker to answer and the topic to exist.
+    #[arg(long, env = "KAFKA_STARTUP_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kafka_startup_timeout: Duration,
+
+    /// How long shutdown waits for in-flight calls and the producer flush.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// CloudEvents `ce_source` of published events.
+    #[arg(long, env = "CE_SOURCE", default_value = "/order-svc")]
+    pub ce_source: String,
+
+    /// How many (user_id, request_id) answers each instance remembers, to
+    /// answer retries identically and refuse a reused key with another payload.
+    #[arg(long, env = "IDEMPOTENCY_CACHE_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_cache_size: u64,
+
+    /// Most CreateOrder calls handled at once; more are refused with
+    /// RESOURCE_EXHAUSTED instead of queueing without bound.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_concurrent_calls: u64,
+
+    /// Largest gRPC request message accepted, in bytes; larger ones get
+    /// OUT_OF_RANGE.
+    #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub grpc_max_message_bytes: u64,
+
+    /// Longest a gRPC call may take on the server before it is cancelled
+    /// (a shorter grpc-timeout from the client wins).
+    #[arg(long, env = "GRPC_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grpc_request_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Exit 0 if the service on METRICS_ADDR is ready, 1 otherwise (for
+    /// container health checks).
+    Healthcheck,
+}
+
+fn parse_publish_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(10) {
+        return Err(format!("{s} is outside 1ms..=10s"));
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// The defaults, with `brokers` and `topic` set: a starting point for tests.
+    pub fn for_tests(brokers: &str, topic: &str) -> Self {
+        let mut config = Config::parse_from(["order-svc"]);
+        config.grpc_addr = ([127, 0, 0, 1], 0).into();
+        config.metrics_addr = ([127, 0, 0, 1], 0).into();
+        config.kafka_brokers = brokers.to_owned();
+        config.orders_topic = topic.to_owned();
+        config
+    }
+}

@@ -1,0 +1,11 @@
+//! order-svc as a library: the binary is a thin shell over [`startup::Application`],
+//! and the tests drive the same `Application` in-process.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod idempotency;
+pub mod metrics;
+pub mod publisher;
+pub mod startup;

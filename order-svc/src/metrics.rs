@@ -1,0 +1,283 @@
+//! Prometheus metrics of order-svc, and the tower layer that measures every
+//! gRPC call (`grpc_server_handled_total`, `grpc_server_handling_seconds`,
+//! labelled as go-grpc-prometheus does so existing dashboards fit).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use http_body::{Body, Frame};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use tower::{Layer, Service};
+
+/// Labels of `grpc_server_handled_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandledLabels {
+    /// Full service name, e.g. `orders.v1.OrderService`.
+    pub grpc_service: String,
+    /// Method name, e.g. `CreateOrder`.
+    pub grpc_method: String,
+    /// Status code name, e.g. `OK`, `InvalidArgument`.
+    pub grpc_code: String,
+}
+
+/// Labels of `grpc_server_handling_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// Full service name.
+    pub grpc_service: String,
+    /// Method name.
+    pub grpc_method: String,
+}
+
+/// Latency buckets in seconds, from 100 µs to 10 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+/// Every metric order-svc exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `orders_created_total`: orders acknowledged by the broker.
+    pub orders_created: Counter,
+    /// `grpc_server_handled_total`.
+    pub handled: Family<HandledLabels, Counter>,
+    /// `grpc_server_handling_seconds`.
+    pub handling_seconds: Family<MethodLabels, Histogram>,
+    /// `kafka_produce_seconds`: send to acknowledgement.
+    pub produce_seconds: Histogram,
+    /// `kafka_produce_errors_total`.
+    pub produce_errors: Counter,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            orders_created: Counter::default(),
+            handled: Family::default(),
+            handling_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            produce_seconds: Histogram::new(latency_buckets()),
+            produce_errors: Counter::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "orders_created",
+            "Orders created and acknowledged by Kafka",
+            metrics.orders_created.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "gRPC calls completed, by status code",
+            metrics.handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Time from a gRPC call's arrival to its status",
+            metrics.handling_seconds.clone(),
+        );
+        registry.register(
+            "kafka_produce_seconds",
+            "Time from handing an event to the producer to the broker's acknowledgement",
+            metrics.produce_seconds.clone(),
+        );
+        registry.register(
+            "kafka_produce_errors",
+            "Events the broker did not acknowledge",
+            metrics.produce_errors.clone(),
+        );
+        metrics
+    }
+}
+
+/// Measures every gRPC call passing through.
+#[derive(Debug, Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcMetricsLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`GrpcMetricsLayer`] wraps around the gRPC routes.
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Records one call's outcome exactly once: when the status is known, or
+/// (as `Cancelled`) when the response is dropped before it was.
+#[derive(Debug)]
+struct Outcome {
+    metrics: Arc<Metrics>,
+    labels: MethodLabels,
+    started: Instant,
+    done: bool,
+}
+
+impl Outcome {
+    fn record(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.metrics
+            .handling_seconds
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .handled
+            .get_or_create(&HandledLabels {
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: code_name(code),
+            })
+            .inc();
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.record(tonic::Code::Cancelled);
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    match code {
+        tonic::Code::Ok => "OK".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetrics<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body,
+{
+    type Response = http::Response<MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let path = req.uri().path();
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let labels = MethodLabels {
+            grpc_service: parts.next().unwrap_or_default().to_owned(),
+            grpc_method: parts.next().unwrap_or_default().to_owned(),
+        };
+        let mut outcome = Outcome {
+            metrics: self.metrics.clone(),
+            labels,
+            started: Instant::now(),
+            done: false,
+        };
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let response = match future.await {
+                Ok(response) => response,
+                Err(error) => {
+                    outcome.record(tonic::Code::Internal);
+                    return Err(error);
+                }
+            };
+            // A "trailers-only" answer carries the status in its headers.
+            if let Some(code) = status_of(response.headers()) {
+                outcome.record(code);
+            }
+            Ok(response.map(|inner| MeteredBody {
+                inner,
+                outcome: Some(outcome),
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records the call's status from its trailers.
+    #[derive(Debug)]
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        outcome: Option<Outcome>,
+    }
+}
+
+impl<B: Body> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(code) = f.trailers_ref().and_then(status_of) {
+                    if let Some(mut outcome) = this.outcome.take() {
+                        outcome.record(code);
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(mut outcome) = this.outcome.take() {
+                    outcome.record(tonic::Code::Internal);
+                }
+            }
+            None => {
+                if let Some(mut outcome) = this.outcome.take() {
+                    outcome.record(tonic::Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,275 @@
+//! Publishes event records to Kafka and waits for the broker's acknowledgement.
+//!
+//! The producer is idempotent with `acks=all`, so an acknowledged record is on
+//! every in-sync replica exactly once. Every publish has a deadline
+//! (`PUBLISH_TIMEOUT`): past it the caller gets [`Kind::Unavailable`] and the
+//! producer *generation* that failed is replaced by a fresh one. Replacing
+//! rather than waiting out librdkafka's own `message.timeout.ms` keeps answers
+//! bounded while the broker is away, and avoids the idempotent producer's
+//! epoch bump after a timed-out record, which some brokers (Tansu 0.6) do not
+//! survive. The old generation is dropped (its queue purged) once the last
+//! call using it has returned.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use orders_contract::envelope::Record;
+use rdkafka::{
+    ClientConfig,
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord, Producer},
+};
+
+use crate::metrics::Metrics;
+
+/// Producer defaults; `KAFKA_OPTIONS` overrides any of them.
+///
+/// - `acks=all` + idempotence: an acknowledged record is durable and never
+///   duplicated by the producer's own retries.
+/// - `linger.ms=0`: the service answers each call as soon as the broker acks,
+///   so batching delay would be paid by every caller; under load, records still
+///   batch while earlier requests are in flight (measured in BENCHMARKS.md).
+/// - `message.timeout.ms` well above `PUBLISH_TIMEOUT`: the service's own
+///   deadline answers callers; librdkafka's must not fire first (see module docs).
+pub fn producer_defaults(publish_timeout: Duration) -> Vec<(&'static str, String)> {
+    let message_timeout = (publish_timeout * 6).max(Duration::from_secs(30));
+    vec![
+        ("acks", "all".into()),
+        ("enable.idempotence", "true".into()),
+        ("linger.ms", "0".into()),
+        ("socket.nagle.disable", "true".into()),
+        (
+            "message.timeout.ms",
+            message_timeout.as_millis().to_string(),
+        ),
+        ("reconnect.backoff.ms", "50".into()),
+        ("reconnect.backoff.max.ms", "1000".into()),
+    ]
+}
+
+/// What kind of failure a [`PublishError`] is, for the caller's status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The broker is unreachable or slow: retry later, with the same request_id.
+    Unavailable,
+    /// The local queue is full: shed load.
+    Overloaded,
+    /// The broker refused this record (too large, not authorized, ...).
+    Rejected,
+}
+
+/// A record that was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No acknowledgement within the deadline.
+    #[error("Kafka did not acknowledge the event within {0:?}")]
+    Timeout(Duration),
+    /// The producer's local queue is full.
+    #[error("the Kafka producer queue is full")]
+    QueueFull,
+    /// The client or the broker reported an error.
+    #[error("Kafka refused the event: {0}")]
+    Kafka(KafkaError),
+    /// The producer was shut down while the record was queued.
+    #[error("the Kafka producer was shut down before the event was acknowledged")]
+    Canceled,
+}
+
+impl PublishError {
+    /// How the caller should treat it.
+    pub fn kind(&self) -> Kind {
+        match self {
+            PublishError::Timeout(_) | PublishError::Canceled => Kind::Unavailable,
+            PublishError::QueueFull => Kind::Overloaded,
+            PublishError::Kafka(e) => match e.rdkafka_error_code() {
+                Some(
+                    RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidRecord,
+                ) => Kind::Rejected,
+                _ => Kind::Unavailable,
+            },
+        }
+    }
+}
+
+/// One producer instance; replaced as a whole when it fails.
+struct Generation {
+    id: u64,
+    producer: Option<FutureProducer>,
+}
+
+impl Generation {
+    fn producer(&self) -> &FutureProducer {
+        self.producer.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Dropping a producer purges its queue and may block briefly: keep it
+        // off the async workers.
+        if let Some(producer) = self.producer.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn_blocking(move || drop(producer));
+                }
+                Err(_) => drop(producer),
+            }
+        }
+    }
+}
+
+/// Publishes records to one topic.
+pub struct Publisher {
+    config: ClientConfig,
+    topic: String,
+    deadline: Duration,
+    current: RwLock<Arc<Generation>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("topic", &self.topic)
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Creates the first producer generation. No network traffic yet.
+    pub fn new(
+        config: ClientConfig,
+        topic: String,
+        deadline: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = config.create()?;
+        Ok(Self {
+            config,
+            topic,
+            deadline,
+            current: RwLock::new(Arc::new(Generation {
+                id: 0,
+                producer: Some(producer),
+            })),
+            metrics,
+        })
+    }
+
+    fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current producer, for metadata checks.
+    pub fn producer(&self) -> FutureProducer {
+        self.current().producer().clone()
+    }
+
+    /// Replaces generation `failed` with a new producer, unless that happened
+    /// already.
+    fn replace(&self, failed: u64) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.id != failed {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(producer) => {
+                tracing::warn!(
+                    generation = failed + 1,
+                    "replacing the Kafka producer after a failed delivery"
+                );
+                *current = Arc::new(Generation {
+                    id: failed + 1,
+                    producer: Some(producer),
+                });
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot create a new Kafka producer; keeping the old one")
+            }
+        }
+    }
+
+    /// Sends `record` with the extra `headers` and waits for the broker's
+    /// acknowledgement, at most the deadline.
+    pub async fn publish(
+        &self,
+        record: &Record,
+        extra_headers: &[(&str, String)],
+    ) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let result = self.try_publish(record, extra_headers).await;
+        self.metrics
+            .produce_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.produce_errors.inc();
+        }
+        result
+    }
+
+    async fn try_publish(
+        &self,
+        record: &Record,
+        extra_headers: &[(&str, String)],
+    ) -> Result<(), PublishError> {
+        let generation = self.current();
+        let mut headers =
+            OwnedHeaders::new_with_capacity(record.headers.len() + extra_headers.len());
+        for (key, value) in record
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v))
+            .chain(extra_headers.iter().map(|(k, v)| (*k, v)))
+        {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let future_record = FutureRecord::to(&self.topic)
+            .key(&record.key)
+            .payload(&record.value)
+            .headers(headers);
+        let delivery = match generation.producer().send_result(future_record) {
+            Ok(delivery) => delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(PublishError::QueueFull);
+            }
+            Err((error, _)) => return Err(PublishError::Kafka(error)),
+        };
+        match tokio::time::timeout(self.deadline, delivery).await {
+            Ok(Ok(Ok(_delivery))) => Ok(()),
+            Ok(Ok(Err((error, _message)))) => {
+                let error = PublishError::Kafka(error);
+                if error.kind() == Kind::Unavailable {
+                    self.replace(generation.id);
+                }
+                Err(error)
+            }
+            Ok(Err(_canceled)) => Err(PublishError::Canceled),
+            Err(_elapsed) => {
+                self.replace(generation.id);
+                Err(PublishError::Timeout(self.deadline))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for queued records to be delivered.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+    }
+}

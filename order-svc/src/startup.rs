@@ -1,0 +1,276 @@
+//! Wiring: [`Application::build`] checks the broker, creates the producer and
+//! binds both listeners (so the real ports are known before serving);
+//! [`Application::run_until_stopped`] serves until the injected shutdown
+//! future resolves, then shuts down in one order: health NOT_SERVING, stop
+//! accepting, drain in-flight calls, flush the producer.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    num::NonZeroUsize,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use orders_contract::v1::order_service_server::OrderServiceServer;
+use prometheus_client::registry::Registry;
+use rdkafka::producer::Producer;
+use service_kit::{kafka, ops};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::OrderApi,
+    config::Config,
+    error::Error,
+    idempotency::Answers,
+    metrics::{GrpcMetricsLayer, Metrics},
+    publisher::{Publisher, producer_defaults},
+};
+
+/// How often the broker connection is checked for health and readiness.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one health check may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// The service name health checks use.
+const SERVICE_NAME: &str = "orders.v1.OrderService";
+
+/// A built, bound, not yet serving order-svc.
+#[derive(Debug)]
+pub struct Application {
+    config: Config,
+    grpc_listener: TcpListener,
+    ops_listener: TcpListener,
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+impl Application {
+    /// Checks that the broker answers and the topic exists, creates the
+    /// producer, and binds the gRPC and operations listeners.
+    pub async fn build(config: Config) -> Result<Self, Error> {
+        if config.orders_topic.trim().is_empty() {
+            return Err(Error::Config("ORDERS_TOPIC must not be empty".into()));
+        }
+        if config.ce_source.trim().is_empty() {
+            return Err(Error::Config("CE_SOURCE must not be empty".into()));
+        }
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let defaults = producer_defaults(config.publish_timeout);
+        let client_config =
+            kafka::client_config(&config.kafka_brokers, defaults, &config.kafka_options);
+        let publisher = Arc::new(Publisher::new(
+            client_config,
+            config.orders_topic.clone(),
+            config.publish_timeout,
+            metrics.clone(),
+        )?);
+
+        let producer = publisher.producer();
+        let (brokers, topic, timeout) = (
+            config.kafka_brokers.clone(),
+            config.orders_topic.clone(),
+            config.kafka_startup_timeout,
+        );
+        let partitions = tokio::task::spawn_blocking(move || {
+            kafka::check_topic(producer.client(), &brokers, &topic, timeout)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
+        tracing::info!(brokers = %config.kafka_brokers, topic = %config.orders_topic, partitions, "Kafka is reachable");
+
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(io(format!("cannot bind GRPC_ADDR {}", config.grpc_addr)))?;
+        let ops_listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .map_err(io(format!(
+                "cannot bind METRICS_ADDR {}",
+                config.metrics_addr
+            )))?;
+        Ok(Self {
+            config,
+            grpc_listener,
+            ops_listener,
+            publisher,
+            metrics,
+            registry: Arc::new(registry),
+        })
+    }
+
+    /// The bound gRPC address (with the real port when 0 was asked for).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound operations HTTP address.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops cleanly.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Application {
+            config,
+            grpc_listener,
+            ops_listener,
+            publisher,
+            metrics,
+            registry,
+        } = self;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let ready = Arc::new(AtomicBool::new(true));
+        set_health(&reporter, ServingStatus::Serving).await;
+
+        let stop = CancellationToken::new();
+        let monitor = tokio::spawn(monitor_broker(
+            publisher.clone(),
+            config.clone(),
+            reporter.clone(),
+            ready.clone(),
+            stop.clone(),
+        ));
+        let readiness: ops::Readiness = {
+            let (ready, stop) = (ready.clone(), stop.clone());
+            Arc::new(move || ready.load(Ordering::Relaxed) && !stop.is_cancelled())
+        };
+        let ops_server = tokio::spawn(ops::serve(
+            ops_listener,
+            ops::router(registry, readiness),
+            stop.clone().cancelled_owned(),
+        ));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(orders_contract::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(orders_contract::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        let max_in_flight = usize::try_from(config.max_concurrent_calls).unwrap_or(usize::MAX);
+        let api = OrderApi::new(
+            publisher.clone(),
+            Answers::new(
+                NonZeroUsize::new(config.idempotency_cache_size as usize)
+                    .unwrap_or(NonZeroUsize::MIN),
+            ),
+            metrics.clone(),
+            config.ce_source.clone(),
+            max_in_flight,
+        );
+        let max_message = usize::try_from(config.grpc_max_message_bytes).unwrap_or(usize::MAX);
+        let orders = OrderServiceServer::new(api).max_decoding_message_size(max_message);
+
+        // On shutdown: NOT_SERVING first, so balancers stop routing here, then
+        // the server stops accepting and drains what is in flight.
+        let (drain_started_tx, drain_started) = tokio::sync::oneshot::channel::<()>();
+        let signal = {
+            let (reporter, ready, stop) = (reporter.clone(), ready.clone(), stop.clone());
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: health NOT_SERVING, draining in-flight calls");
+                ready.store(false, Ordering::Relaxed);
+                stop.cancel();
+                set_health(&reporter, ServingStatus::NotServing).await;
+                let _ = drain_started_tx.send(());
+            }
+        };
+        tracing::info!(grpc_addr = %grpc_listener.local_addr().map_err(io("GRPC_ADDR"))?, metrics_addr = %config.metrics_addr, "order-svc serving");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let server = tonic::transport::Server::builder()
+            .timeout(config.grpc_request_timeout)
+            .layer(GrpcMetricsLayer::new(metrics))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(orders)
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(server);
+        let grace = config.shutdown_grace;
+        let served = tokio::select! {
+            result = &mut server => result.map_err(Error::from),
+            () = async { let _ = drain_started.await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "in-flight calls did not finish within the grace period; abandoning them");
+                Ok(())
+            }
+        };
+        stop.cancel();
+
+        match publisher.flush(grace).await {
+            Ok(()) => tracing::info!("producer flushed"),
+            Err(error) => tracing::warn!(%error, "producer flush incomplete"),
+        }
+        let _ = monitor.await;
+        if let Ok(Err(error)) = ops_server.await {
+            tracing::warn!(%error, "operations server failed");
+        }
+        tracing::info!("order-svc stopped");
+        served
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Keeps health and readiness in step with the broker: SERVING while a
+/// metadata request for the topic succeeds, NOT_SERVING when it fails.
+async fn monitor_broker(
+    publisher: Arc<Publisher>,
+    config: Config,
+    reporter: HealthReporter,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+        let producer = publisher.producer();
+        let (brokers, topic) = (config.kafka_brokers.clone(), config.orders_topic.clone());
+        let check = tokio::task::spawn_blocking(move || {
+            kafka::check_topic(producer.client(), &brokers, &topic, HEALTH_TIMEOUT)
+        })
+        .await;
+        let healthy = matches!(check, Ok(Ok(_)));
+        if stop.is_cancelled() {
+            return;
+        }
+        let was = ready.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            match check {
+                Ok(Err(error)) => tracing::warn!(%error, "Kafka unreachable: NOT_SERVING"),
+                _ => tracing::info!("Kafka reachable again: SERVING"),
+            }
+            let status = if healthy {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_health(&reporter, status).await;
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Kafka client settings shared by both services: the broker list, extra
+//! librdkafka properties from `KAFKA_OPTIONS`, and a start-up check that the
+//! broker answers and the topic exists, so a wrong address fails fast.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use rdkafka::{
+    ClientConfig,
+    client::{Client, ClientContext},
+};
+
+/// Property names whose values are secrets: never logged, printed or echoed.
+const SECRET_MARKERS: [&str; 4] = ["password", "secret", "key.pem", "sasl.oauthbearer.config"];
+
+/// Any librdkafka properties, from `key=value,key=value`.
+///
+/// Later entries win over earlier ones and over the services' defaults, so an
+/// operator can override anything (`acks`, `linger.ms`, `security.protocol`,
+/// `sasl.*`, `ssl.*`). The `Debug` and `Display` forms hide secret values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaOptions(pub Vec<(String, String)>);
+
+/// A `KAFKA_OPTIONS` entry that is not `key=value`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected key=value, got {0:?} (separate entries with commas)")]
+pub struct BadOption(String);
+
+impl FromStr for KafkaOptions {
+    type Err = BadOption;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = Vec::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (k, v) = entry
+                .split_once('=')
+                .ok_or_else(|| BadOption(redact_entry(entry)))?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() {
+                return Err(BadOption(redact_entry(entry)));
+            }
+            out.push((k.to_owned(), v.to_owned()));
+        }
+        Ok(KafkaOptions(out))
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| key.contains(m))
+}
+
+fn redact_entry(entry: &str) -> String {
+    if is_secret(entry) {
+        "<redacted>".to_owned()
+    } else {
+        entry.to_owned()
+    }
+}
+
+impl fmt::Display for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if is_secret(k) {
+                write!(f, "{k}=<redacted>")?
+            } else {
+                write!(f, "{k}={v}")?
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KafkaOptions({self})")
+    }
+}
+
+/// Builds a client configuration: `bootstrap.servers`, then the service's own
+/// `defaults`, then the operator's `options` (which win).
+pub fn client_config<K, V>(
+    brokers: &str,
+    defaults: impl IntoIterator<Item = (K, V)>,
+    options: &KafkaOptions,
+) -> ClientConfig
+where
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in defaults {
+        config.set(k.as_ref(), v.as_ref());
+    }
+    for (k, v) in &options.0 {
+        config.set(k, v);
+    }
+    config
+}
+
+/// Why the broker check at start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The broker did not answer a metadata request in time.
+    #[error("cannot reach Kafka at {brokers} within {timeout:?}: {source}")]
+    Unreachable {
+        /// The configured broker list.
+        brokers: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// What the client said.
+        source: rdkafka::error::KafkaError,
+    },
+    /// The broker answered but does not have the topic.
+    #[error("topic {topic:?} does not exist on {brokers} (create it first: see the README)")]
+    MissingTopic {
+        /// The configured broker list.
+        brokers: String,
+        /// The topic that is missing.
+        topic: String,
+    },
+}
+
+/// Asks the broker for `topic`'s metadata; returns its partition count.
+///
+/// Blocking: call from `spawn_blocking` or a start-up path.
+pub fn check_topic<C: ClientContext>(
+    client: &Client<C>,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, CheckError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|source| CheckError::Unreachable {
+            brokers: brokers.to_owned(),
+            timeout,
+            source,
+        })?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
+        _ => Err(CheckError::MissingTopic {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_entries_and_later_ones_win() {
+        let opts: KafkaOptions = "linger.ms=5, acks=all,,linger.ms=1".parse().unwrap();
+        assert_eq!(opts.0.len(), 3);
+        let config = client_config("b:9092", [("linger.ms", "0")], &opts);
+        assert_eq!(config.get("linger.ms"), Some("1"));
+        assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn rejects_entries_without_equals_and_hides_secrets() {
+        let err = "linger.ms".parse::<KafkaOptions>().unwrap_err();
+        assert!(err.to_string().contains("linger.ms"), "{err}");
+        let err = "sasl.password".parse::<KafkaOptions>().unwrap_err();
+        assert!(!err.to_string().contains("sasl.password"), "{err}");
+        let opts: KafkaOptions = "sasl.username=u,sasl.password=hunter2,ssl.key.password=k"
+            .parse()
+            .unwrap();
+        let shown = format!("{opts} {opts:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("=k"),
+            "{shown}"
+        );
+        assert!(shown.contains("sasl.username=u"), "{shown}");
+    }
+}

@@ -52,19 +52,12 @@ pub struct Record {
 ///
 /// `source` is the CloudEvents source (a URI reference naming the producer).
 pub fn encode_order_created(event: &OrderCreated, source: &str) -> Record {
-    let key = event
-        .order
-        .as_ref()
-        .map(|o| o.order_id.clone())
-        .unwrap_or_default();
+    let key = event.order.as_ref().map(|o| o.order_id.clone()).unwrap_or_default();
     let time = event
         .occurred_at
         .as_ref()
         .and_then(crate::from_timestamp)
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
     Record {
         key,
@@ -142,9 +135,7 @@ pub fn decode<'a>(
     if let Some(ct) = header(header::CONTENT_TYPE) {
         let ct = String::from_utf8_lossy(ct);
         let media = ct.split(';').next().unwrap_or_default().trim();
-        if !media.eq_ignore_ascii_case(CONTENT_TYPE)
-            && !media.eq_ignore_ascii_case("application/x-protobuf")
-        {
+        if !media.eq_ignore_ascii_case(CONTENT_TYPE) && !media.eq_ignore_ascii_case("application/x-protobuf") {
             return Err(DecodeError::UnsupportedContentType(ct.into_owned()));
         }
     }
@@ -234,10 +225,7 @@ mod tests {
         let record = encode_order_created(&sample(), "/order-svc");
         let h = lookup(&record);
         assert_eq!(h("ce_specversion"), Some(&b"1.0"[..]));
-        assert_eq!(
-            h("ce_id"),
-            Some(&b"0193a1b2-0000-7000-8000-000000000001"[..])
-        );
+        assert_eq!(h("ce_id"), Some(&b"0193a1b2-0000-7000-8000-000000000001"[..]));
         assert_eq!(h("ce_type"), Some(&b"orders.v1.OrderCreated"[..]));
         assert_eq!(h("ce_source"), Some(&b"/order-svc"[..]));
         assert_eq!(h("ce_time"), Some(&b"2025-11-24T16:00:00.000000005Z"[..]));
@@ -257,22 +245,10 @@ mod tests {
             decode(|_| None, Some(b"\xff\xff\xff"), MAX),
             Err(DecodeError::Malformed(_))
         ));
-        assert!(matches!(
-            decode(|_| None, None, MAX),
-            Err(DecodeError::Empty)
-        ));
+        assert!(matches!(decode(|_| None, None, MAX), Err(DecodeError::Empty)));
         let big = decode(|_| None, Some(&[0u8; 100]), 99);
-        assert!(matches!(
-            big,
-            Err(DecodeError::TooLarge {
-                size: 100,
-                limit: 99
-            })
-        ));
-        assert!(matches!(
-            decode(|_| None, Some(b"not protobuf"), MAX),
-            Err(_)
-        ));
+        assert!(matches!(big, Err(DecodeError::TooLarge { size: 100, limit: 99 })));
+        assert!(matches!(decode(|_| None, Some(b"not protobuf"), MAX), Err(_)));
         let ct = decode(
             |n| (n == "content-type").then_some(&b"application/json"[..]),
             Some(&record.value),

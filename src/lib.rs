@@ -73,17 +73,13 @@ mod tests {
             "orders.v1.OrderCreated",
             "orders.v1.Order",
         ] {
-            assert!(
-                names.iter().any(|n| n == wanted),
-                "{wanted} missing from {names:?}"
-            );
+            assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
         }
     }
 
     #[test]
     fn timestamps_round_trip() {
-        let at =
-            time::OffsetDateTime::from_unix_timestamp_nanos(1_764_000_000_123_456_789).unwrap();
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(1_764_000_000_123_456_789).unwrap();
         assert_eq!(from_timestamp(&timestamp(at)), Some(at));
     }
 }

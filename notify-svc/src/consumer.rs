@@ -46,10 +46,7 @@ pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
         ("enable.auto.offset.store", "false".into()),
         ("auto.offset.reset", "earliest".into()),
         ("enable.partition.eof", "false".into()),
-        (
-            "statistics.interval.ms",
-            STATS_INTERVAL.as_millis().to_string(),
-        ),
+        ("statistics.interval.ms", STATS_INTERVAL.as_millis().to_string()),
         ("queued.max.messages.kbytes", "16384".into()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),
@@ -112,17 +109,10 @@ impl ClientContext for ConsumerCtx {
             }
         }
         let member = stats.cgrp.as_ref().is_some_and(|g| g.state == "up");
-        let broker_up = stats
-            .brokers
-            .values()
-            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        let broker_up = stats.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
         self.liveness.member.store(member, Ordering::Relaxed);
         self.liveness.broker_up.store(broker_up, Ordering::Relaxed);
-        *self
-            .liveness
-            .last_stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.liveness.last_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -135,9 +125,7 @@ impl ConsumerContext for ConsumerCtx {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             for element in tpl.elements() {
-                if let Some(worker) =
-                    workers.remove(&(element.topic().to_owned(), element.partition()))
-                {
+                if let Some(worker) = workers.remove(&(element.topic().to_owned(), element.partition())) {
                     worker.revoked.cancel();
                     worker.stop.cancel();
                 }
@@ -199,9 +187,7 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline")
-            .field("buffer", &self.buffer)
-            .finish()
+        f.debug_struct("Pipeline").field("buffer", &self.buffer).finish()
     }
 }
 
@@ -237,12 +223,7 @@ impl Pipeline {
     /// Joins the group on `topic` and handles records until `shutdown` is
     /// cancelled; then finishes records in hand (for at most `grace`), commits
     /// and leaves the group.
-    pub async fn run(
-        self,
-        topic: &str,
-        shutdown: CancellationToken,
-        grace: Duration,
-    ) -> KafkaResult<()> {
+    pub async fn run(self, topic: &str, shutdown: CancellationToken, grace: Duration) -> KafkaResult<()> {
         self.consumer.subscribe(&[topic])?;
         tracing::info!(topic, "subscribed; joining the group");
         let mut tasks = JoinSet::new();
@@ -274,12 +255,8 @@ impl Pipeline {
         }
 
         tracing::info!("stopping: no more fetches; finishing records in hand");
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        self.workers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(
                 ?grace,
@@ -352,9 +329,7 @@ async fn run_worker(
         match processor.process(&message, &stop).await {
             Outcome::Handled if !revoked.is_cancelled() => {
                 // Stores offset + 1: the next record to read.
-                if let Err(error) =
-                    consumer.store_offset(message.topic(), message.partition(), message.offset())
-                {
+                if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
                     tracing::debug!(%error, "offset not stored (partition no longer assigned)");
                 }
             }

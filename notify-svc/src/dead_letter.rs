@@ -60,9 +60,7 @@ pub struct DeadLetters {
 
 impl std::fmt::Debug for DeadLetters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetters")
-            .field("topic", &self.topic)
-            .finish()
+        f.debug_struct("DeadLetters").field("topic", &self.topic).finish()
     }
 }
 
@@ -86,11 +84,7 @@ impl DeadLetters {
     }
 
     /// Publishes `original` with `failure`'s headers; Ok once acknowledged.
-    pub async fn publish(
-        &self,
-        original: &OwnedMessage,
-        failure: &Failure,
-    ) -> Result<(), KafkaError> {
+    pub async fn publish(&self, original: &OwnedMessage, failure: &Failure) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let Some(h) = original.headers() {
             for header in h.iter() {

@@ -12,11 +12,7 @@ use service_kit::{ops, shutdown::shutdown_signal, telemetry};
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     if let Some(Command::Healthcheck) = config.command {
-        ops::probe(
-            config.metrics_addr,
-            "/readyz",
-            std::time::Duration::from_secs(3),
-        )?;
+        ops::probe(config.metrics_addr, "/readyz", std::time::Duration::from_secs(3))?;
         return Ok(());
     }
     let telemetry = telemetry::init("notify-svc", config.log_format)?;

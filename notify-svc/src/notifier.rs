@@ -51,10 +51,7 @@ impl Notification {
             .occurred_at
             .as_ref()
             .and_then(orders_contract::from_timestamp)
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
             .unwrap_or_default();
         Self {
             event_id: event.event_id.clone(),

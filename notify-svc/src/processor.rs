@@ -41,12 +41,9 @@ pub struct Processor {
 }
 
 fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
-    message.headers().and_then(|h| {
-        h.iter()
-            .filter(|h| h.key == name)
-            .last()
-            .and_then(|h| h.value)
-    })
+    message
+        .headers()
+        .and_then(|h| h.iter().filter(|h| h.key == name).last().and_then(|h| h.value))
 }
 
 impl Processor {
@@ -86,11 +83,7 @@ impl Processor {
             header(message, name).map(|v| String::from_utf8_lossy(v).into_owned())
         });
         let outcome = async {
-            match envelope::decode(
-                |name| header(message, name),
-                message.payload(),
-                self.max_record_bytes,
-            ) {
+            match envelope::decode(|name| header(message, name), message.payload(), self.max_record_bytes) {
                 Err(error) => {
                     tracing::warn!(%error, "record is not a valid event; dead-lettering it");
                     let failure = Failure {
@@ -105,11 +98,7 @@ impl Processor {
                     span.record("event_id", event.event_id.as_str());
                     span.record(
                         "order_id",
-                        event
-                            .order
-                            .as_ref()
-                            .map(|o| o.order_id.as_str())
-                            .unwrap_or_default(),
+                        event.order.as_ref().map(|o| o.order_id.as_str()).unwrap_or_default(),
                     );
                     self.notify(message, &event, &span, stop).await
                 }
@@ -118,9 +107,7 @@ impl Processor {
         .instrument(span)
         .await;
         if outcome == Outcome::Handled {
-            self.metrics
-                .handling_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.handling_seconds.observe(started.elapsed().as_secs_f64());
         }
         outcome
     }
@@ -144,15 +131,9 @@ impl Processor {
             let error = match self.notifier.send(&notification).await {
                 Ok(()) => {
                     self.metrics.sent.inc();
-                    if let Some(at) = event
-                        .occurred_at
-                        .as_ref()
-                        .and_then(orders_contract::from_timestamp)
-                    {
+                    if let Some(at) = event.occurred_at.as_ref().and_then(orders_contract::from_timestamp) {
                         let age = time::OffsetDateTime::now_utc() - at;
-                        self.metrics
-                            .end_to_end_seconds
-                            .observe(age.as_seconds_f64().max(0.0));
+                        self.metrics.end_to_end_seconds.observe(age.as_seconds_f64().max(0.0));
                     }
                     self.dedup.mark(&event.event_id);
                     return Outcome::Handled;
@@ -187,12 +168,7 @@ impl Processor {
 
     /// Publishes to the dead-letter topic, retrying until it is acknowledged
     /// or `stop` fires: the record's offset never moves past an unsaved failure.
-    async fn dead_letter(
-        &self,
-        message: &OwnedMessage,
-        failure: Failure,
-        stop: &CancellationToken,
-    ) -> Outcome {
+    async fn dead_letter(&self, message: &OwnedMessage, failure: Failure, stop: &CancellationToken) -> Outcome {
         let mut attempt = 0;
         loop {
             match self.dead_letters.publish(message, &failure).await {
@@ -213,9 +189,7 @@ impl Processor {
                 }
                 Err(error) => {
                     attempt += 1;
-                    let delay = self
-                        .retry
-                        .delay(attempt.min(self.retry.max_attempts.max(1)));
+                    let delay = self.retry.delay(attempt.min(self.retry.max_attempts.max(1)));
                     tracing::error!(%error, attempt, ?delay, "cannot publish to the dead-letter topic; holding the offset and retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}

@@ -22,9 +22,7 @@ impl RetryPolicy {
     /// (1-based): initial * 2^(attempt-1), capped.
     pub fn bound(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(31));
-        self.initial_delay
-            .saturating_mul(factor)
-            .min(self.max_delay)
+        self.initial_delay.saturating_mul(factor).min(self.max_delay)
     }
 
     /// A random delay in [0, bound(attempt)].
@@ -33,9 +31,7 @@ impl RetryPolicy {
         if bound.is_zero() {
             return bound;
         }
-        Duration::from_nanos(
-            rand::rng().random_range(0..=bound.as_nanos().min(u128::from(u64::MAX)) as u64),
-        )
+        Duration::from_nanos(rand::rng().random_range(0..=bound.as_nanos().min(u128::from(u64::MAX)) as u64))
     }
 }
 

@@ -47,9 +47,7 @@ impl Application {
             }
         }
         if config.dlq_topic == config.orders_topic {
-            return Err(Error::Config(
-                "DLQ_TOPIC must differ from ORDERS_TOPIC".into(),
-            ));
+            return Err(Error::Config("DLQ_TOPIC must differ from ORDERS_TOPIC".into()));
         }
         if config.retry_initial_delay > config.retry_max_delay {
             return Err(Error::Config(
@@ -74,6 +72,7 @@ impl Application {
         };
         let dlq_config = kafka::client_config(
             &config.kafka_brokers,
+            kafka::Role::Producer,
             dead_letter::PRODUCER_DEFAULTS,
             &config.kafka_options,
         );
@@ -83,9 +82,7 @@ impl Application {
             initial_delay: config.retry_initial_delay,
             max_delay: config.retry_max_delay,
         };
-        let dedup = Dedup::new(
-            NonZeroUsize::new(config.dedup_cache_size as usize).unwrap_or(NonZeroUsize::MIN),
-        );
+        let dedup = Dedup::new(NonZeroUsize::new(config.dedup_cache_size as usize).unwrap_or(NonZeroUsize::MIN));
         let processor = Arc::new(Processor::new(
             notifier.clone(),
             dead_letters.clone(),
@@ -96,6 +93,7 @@ impl Application {
         ));
         let consumer_config = kafka::client_config(
             &config.kafka_brokers,
+            kafka::Role::Consumer,
             consumer_defaults(&config.kafka_group_id),
             &config.kafka_options,
         );
@@ -150,16 +148,11 @@ impl Application {
 
     /// The bound operations HTTP address.
     pub fn ops_addr(&self) -> SocketAddr {
-        self.ops_listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.ops_listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Consumes until `shutdown` resolves, then stops cleanly.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), Error> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         let Application {
             config,
             pipeline,
@@ -187,9 +180,7 @@ impl Application {
             }
         });
         tracing::info!(metrics_addr = %config.metrics_addr, "notify-svc consuming");
-        let result = pipeline
-            .run(&config.orders_topic, stop, config.shutdown_grace)
-            .await;
+        let result = pipeline.run(&config.orders_topic, stop, config.shutdown_grace).await;
         ops_stopped.cancel();
         if let Ok(Err(error)) = ops_server.await {
             tracing::warn!(%error, "operations server failed");

@@ -4,10 +4,7 @@ use std::sync::Arc;
 
 use orders_contract::{
     envelope,
-    v1::{
-        CreateOrderRequest, CreateOrderResponse, Order, OrderCreated,
-        order_service_server::OrderService,
-    },
+    v1::{CreateOrderRequest, CreateOrderResponse, Order, OrderCreated, order_service_server::OrderService},
 };
 use service_kit::telemetry;
 use tokio::sync::Semaphore;
@@ -71,9 +68,7 @@ impl OrderApi {
                 return Ok(order);
             }
             Seen::Conflict => {
-                return Err(Error::IdempotencyConflict(
-                    new.request_id.unwrap_or_default(),
-                ));
+                return Err(Error::IdempotencyConflict(new.request_id.unwrap_or_default()));
             }
         }
 
@@ -113,12 +108,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
-        let span = tracing::info_span!(
-            "CreateOrder",
-            order_id = Empty,
-            event_id = Empty,
-            user_id = Empty
-        );
+        let span = tracing::info_span!("CreateOrder", order_id = Empty, event_id = Empty, user_id = Empty);
         // Continue the caller's trace when it sent W3C trace context.
         telemetry::continue_trace(&span, |name| {
             request

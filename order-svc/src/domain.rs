@@ -126,11 +126,7 @@ impl TryFrom<CreateOrderRequest> for NewOrder {
     }
 }
 
-fn validate_item(
-    i: usize,
-    item: ProtoLineItem,
-    violations: &mut Vec<FieldViolation>,
-) -> Option<LineItem> {
+fn validate_item(i: usize, item: ProtoLineItem, violations: &mut Vec<FieldViolation>) -> Option<LineItem> {
     let before = violations.len();
     let sku_chars = item.sku.chars().count();
     if sku_chars == 0 || sku_chars > MAX_SKU_CHARS {
@@ -230,9 +226,7 @@ mod tests {
         assert_eq!(fields(r), ["items"]);
 
         let mut r = valid();
-        r.items = (0..=MAX_ITEMS)
-            .map(|i| item(&format!("S{i}"), 1, 1))
-            .collect();
+        r.items = (0..=MAX_ITEMS).map(|i| item(&format!("S{i}"), 1, 1)).collect();
         assert_eq!(fields(r), ["items"]);
 
         let mut r = valid();
@@ -260,9 +254,7 @@ mod tests {
     #[test]
     fn limits_are_inclusive() {
         let mut r = valid();
-        r.items = (0..MAX_ITEMS)
-            .map(|_| item(&"é".repeat(MAX_SKU_CHARS), 1, 0))
-            .collect();
+        r.items = (0..MAX_ITEMS).map(|_| item(&"é".repeat(MAX_SKU_CHARS), 1, 0)).collect();
         r.user_id = "u".repeat(MAX_ID_CHARS);
         assert!(NewOrder::try_from(r).is_ok());
     }

@@ -63,8 +63,7 @@ impl From<Error> for Status {
             }
             Error::IdempotencyConflict(_) => {
                 let mut details = ErrorDetails::new();
-                details
-                    .add_bad_request_violation("request_id", "already used for a different order");
+                details.add_bad_request_violation("request_id", "already used for a different order");
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::Publish(e) => match e.kind() {

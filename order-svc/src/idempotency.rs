@@ -85,10 +85,7 @@ impl Answers {
     }
 
     fn key(order: &NewOrder) -> Option<(String, String)> {
-        order
-            .request_id
-            .as_ref()
-            .map(|r| (order.user_id.clone(), r.clone()))
+        order.request_id.as_ref().map(|r| (order.user_id.clone(), r.clone()))
     }
 
     /// Looks `order`'s idempotency key up.
@@ -149,10 +146,7 @@ mod tests {
         assert_eq!(a, ids_for(&order("u", Some("r1"), 1)));
         assert_ne!(a, ids_for(&order("u", Some("r2"), 1)));
         assert_ne!(a, ids_for(&order("v", Some("r1"), 1)));
-        assert_ne!(
-            ids_for(&order("ab", Some("c"), 1)),
-            ids_for(&order("a", Some("bc"), 1))
-        );
+        assert_ne!(ids_for(&order("ab", Some("c"), 1)), ids_for(&order("a", Some("bc"), 1)));
         assert_ne!(a.order_id, a.event_id);
     }
 
@@ -178,9 +172,6 @@ mod tests {
             answers.remember(&order("u", Some(r), 1), &Order::default());
         }
         assert_eq!(answers.lookup(&order("u", Some("a"), 1)), Seen::New);
-        assert!(matches!(
-            answers.lookup(&order("u", Some("c"), 1)),
-            Seen::Replay(_)
-        ));
+        assert!(matches!(answers.lookup(&order("u", Some("c"), 1)), Seen::Replay(_)));
     }
 }

@@ -41,10 +41,7 @@ pub fn producer_defaults(publish_timeout: Duration) -> Vec<(&'static str, String
         ("enable.idempotence", "true".into()),
         ("linger.ms", "0".into()),
         ("socket.nagle.disable", "true".into()),
-        (
-            "message.timeout.ms",
-            message_timeout.as_millis().to_string(),
-        ),
+        ("message.timeout.ms", message_timeout.as_millis().to_string()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),
     ]
@@ -165,10 +162,7 @@ impl Publisher {
     }
 
     fn current(&self) -> Arc<Generation> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The current producer, for metadata checks.
@@ -202,30 +196,19 @@ impl Publisher {
 
     /// Sends `record` with the extra `headers` and waits for the broker's
     /// acknowledgement, at most the deadline.
-    pub async fn publish(
-        &self,
-        record: &Record,
-        extra_headers: &[(&str, String)],
-    ) -> Result<(), PublishError> {
+    pub async fn publish(&self, record: &Record, extra_headers: &[(&str, String)]) -> Result<(), PublishError> {
         let started = Instant::now();
         let result = self.try_publish(record, extra_headers).await;
-        self.metrics
-            .produce_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.produce_seconds.observe(started.elapsed().as_secs_f64());
         if result.is_err() {
             self.metrics.produce_errors.inc();
         }
         result
     }
 
-    async fn try_publish(
-        &self,
-        record: &Record,
-        extra_headers: &[(&str, String)],
-    ) -> Result<(), PublishError> {
+    async fn try_publish(&self, record: &Record, extra_headers: &[(&str, String)]) -> Result<(), PublishError> {
         let generation = self.current();
-        let mut headers =
-            OwnedHeaders::new_with_capacity(record.headers.len() + extra_headers.len());
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + extra_headers.len());
         for (key, value) in record
             .headers
             .iter()

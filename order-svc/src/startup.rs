@@ -68,8 +68,12 @@ impl Application {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let defaults = producer_defaults(config.publish_timeout);
-        let client_config =
-            kafka::client_config(&config.kafka_brokers, defaults, &config.kafka_options);
+        let client_config = kafka::client_config(
+            &config.kafka_brokers,
+            kafka::Role::Producer,
+            defaults,
+            &config.kafka_options,
+        );
         let publisher = Arc::new(Publisher::new(
             client_config,
             config.orders_topic.clone(),
@@ -83,11 +87,10 @@ impl Application {
             config.orders_topic.clone(),
             config.kafka_startup_timeout,
         );
-        let partitions = tokio::task::spawn_blocking(move || {
-            kafka::check_topic(producer.client(), &brokers, &topic, timeout)
-        })
-        .await
-        .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
+        let partitions =
+            tokio::task::spawn_blocking(move || kafka::check_topic(producer.client(), &brokers, &topic, timeout))
+                .await
+                .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
         tracing::info!(brokers = %config.kafka_brokers, topic = %config.orders_topic, partitions, "Kafka is reachable");
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
@@ -95,10 +98,7 @@ impl Application {
             .map_err(io(format!("cannot bind GRPC_ADDR {}", config.grpc_addr)))?;
         let ops_listener = TcpListener::bind(config.metrics_addr)
             .await
-            .map_err(io(format!(
-                "cannot bind METRICS_ADDR {}",
-                config.metrics_addr
-            )))?;
+            .map_err(io(format!("cannot bind METRICS_ADDR {}", config.metrics_addr)))?;
         Ok(Self {
             config,
             grpc_listener,
@@ -118,16 +118,11 @@ impl Application {
 
     /// The bound operations HTTP address.
     pub fn ops_addr(&self) -> SocketAddr {
-        self.ops_listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.ops_listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then stops cleanly.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), Error> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         let Application {
             config,
             grpc_listener,
@@ -171,10 +166,7 @@ impl Application {
         let max_in_flight = usize::try_from(config.max_concurrent_calls).unwrap_or(usize::MAX);
         let api = OrderApi::new(
             publisher.clone(),
-            Answers::new(
-                NonZeroUsize::new(config.idempotency_cache_size as usize)
-                    .unwrap_or(NonZeroUsize::MIN),
-            ),
+            Answers::new(NonZeroUsize::new(config.idempotency_cache_size as usize).unwrap_or(NonZeroUsize::MIN)),
             metrics.clone(),
             config.ce_source.clone(),
             max_in_flight,

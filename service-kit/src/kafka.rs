@@ -31,9 +31,7 @@ impl FromStr for KafkaOptions {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = Vec::new();
         for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (k, v) = entry
-                .split_once('=')
-                .ok_or_else(|| BadOption(redact_entry(entry)))?;
+            let (k, v) = entry.split_once('=').ok_or_else(|| BadOption(redact_entry(entry)))?;
             let (k, v) = (k.trim(), v.trim());
             if k.is_empty() {
                 return Err(BadOption(redact_entry(entry)));
@@ -79,10 +77,71 @@ impl fmt::Debug for KafkaOptions {
     }
 }
 
+/// What a client does, so that one `KAFKA_OPTIONS` can serve both kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Publishes records.
+    Producer,
+    /// Reads records in a group.
+    Consumer,
+}
+
+/// Properties only consumers understand (librdkafka's CONFIGURATION.md "C").
+const CONSUMER_ONLY: [&str; 14] = [
+    "group.",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "fetch.",
+    "max.partition.fetch.bytes",
+    "auto.offset.reset",
+    "enable.auto.",
+    "auto.commit.",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "queued.",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+];
+
+/// Properties only producers understand (librdkafka's CONFIGURATION.md "P").
+const PRODUCER_ONLY: [&str; 14] = [
+    "acks",
+    "request.required.acks",
+    "linger.ms",
+    "queue.buffering.",
+    "batch.",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "compression.",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+];
+
+fn belongs_to(key: &str, role: Role) -> bool {
+    let other = match role {
+        Role::Producer => &CONSUMER_ONLY,
+        Role::Consumer => &PRODUCER_ONLY,
+    };
+    !other.iter().any(|p| {
+        if p.ends_with('.') {
+            key.starts_with(p)
+        } else {
+            key == *p
+        }
+    })
+}
+
 /// Builds a client configuration: `bootstrap.servers`, then the service's own
-/// `defaults`, then the operator's `options` (which win).
+/// `defaults`, then the operator's `options` (which win), leaving out options
+/// that only the other role understands (librdkafka would warn about them).
 pub fn client_config<K, V>(
     brokers: &str,
+    role: Role,
     defaults: impl IntoIterator<Item = (K, V)>,
     options: &KafkaOptions,
 ) -> ClientConfig
@@ -95,7 +154,7 @@ where
     for (k, v) in defaults {
         config.set(k.as_ref(), v.as_ref());
     }
-    for (k, v) in &options.0 {
+    for (k, v) in options.0.iter().filter(|(k, _)| belongs_to(k, role)) {
         config.set(k, v);
     }
     config
@@ -157,9 +216,25 @@ mod tests {
     fn parses_entries_and_later_ones_win() {
         let opts: KafkaOptions = "linger.ms=5, acks=all,,linger.ms=1".parse().unwrap();
         assert_eq!(opts.0.len(), 3);
-        let config = client_config("b:9092", [("linger.ms", "0")], &opts);
+        let config = client_config("b:9092", Role::Producer, [("linger.ms", "0")], &opts);
         assert_eq!(config.get("linger.ms"), Some("1"));
         assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn options_of_the_other_role_are_left_out() {
+        let opts: KafkaOptions = "session.timeout.ms=6000,fetch.wait.max.ms=10,linger.ms=2,security.protocol=ssl"
+            .parse()
+            .unwrap();
+        let producer = client_config("b", Role::Producer, [("acks", "all")], &opts);
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("fetch.wait.max.ms"), None);
+        assert_eq!(producer.get("linger.ms"), Some("2"));
+        assert_eq!(producer.get("security.protocol"), Some("ssl"));
+        let consumer = client_config("b", Role::Consumer, [("group.id", "g")], &opts);
+        assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(consumer.get("security.protocol"), Some("ssl"));
     }
 
     #[test]
@@ -172,10 +247,7 @@ mod tests {
             .parse()
             .unwrap();
         let shown = format!("{opts} {opts:?}");
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("=k"),
-            "{shown}"
-        );
+        assert!(!shown.contains("hunter2") && !shown.contains("=k"), "{shown}");
         assert!(shown.contains("sasl.username=u"), "{shown}");
     }
 }

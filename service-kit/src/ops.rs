@@ -66,9 +66,7 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// Why a probe failed.
@@ -103,10 +101,7 @@ pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), Prob
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let io = |source| ProbeError::Io {
-        addr: target,
-        source,
-    };
+    let io = |source| ProbeError::Io { addr: target, source };
     let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;

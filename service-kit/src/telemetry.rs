@@ -15,9 +15,7 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{
-    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
-};
+use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -65,7 +63,9 @@ pub fn init(service: &'static str, format: LogFormat) -> Result<Telemetry, Telem
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::builder().parse(spec)?,
         _ => EnvFilter::new("info"),
     };
-    install(service, format, filter, std::io::stdout)
+    use std::io::IsTerminal;
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    install(service, format, filter, ansi, std::io::stdout)
 }
 
 /// For tests: the same layers as [`init`], silent unless `TEST_LOG` is set.
@@ -81,6 +81,7 @@ pub fn init_for_tests(service: &'static str) {
         service,
         LogFormat::Text,
         filter,
+        false,
         move || -> Box<dyn std::io::Write> {
             if verbose {
                 Box::new(std::io::stderr())
@@ -95,24 +96,23 @@ fn install<W>(
     service: &'static str,
     format: LogFormat,
     filter: EnvFilter,
+    ansi: bool,
     writer: W,
 ) -> Result<Telemetry, TelemetryError>
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service).build());
+    let mut builder =
+        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service).build());
     if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
     let tracer = provider.tracer(service);
 
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt

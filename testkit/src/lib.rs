@@ -27,8 +27,7 @@ use rdkafka::{
 
 /// Settings every client needs against Tansu (see the README): a fast group
 /// join and no long sleep inside fetch.
-pub const TANSU_CLIENT_OPTIONS: &str =
-    "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10";
+pub const TANSU_CLIENT_OPTIONS: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10";
 
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
@@ -86,9 +85,7 @@ pub fn tansu_bin() -> anyhow::Result<PathBuf> {
             }
         }
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     let candidate = home.join(".cargo/bin/tansu");
     if candidate.is_file() {
         return Ok(candidate);
@@ -135,13 +132,7 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("tansu.log"))?;
         let child = Command::new(tansu_bin()?)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
             // Tansu resolves the sqlite path against its working directory.
             .current_dir(self.dir.path())
@@ -162,12 +153,8 @@ impl Broker {
             let probe = {
                 let addr = addr.clone();
                 tokio::task::spawn_blocking(move || {
-                    let client: BaseConsumer = ClientConfig::new()
-                        .set("bootstrap.servers", &addr)
-                        .create()?;
-                    client
-                        .fetch_metadata(None, Duration::from_secs(2))
-                        .map(|_| ())
+                    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &addr).create()?;
+                    client.fetch_metadata(None, Duration::from_secs(2)).map(|_| ())
                 })
                 .await?
             };
@@ -188,9 +175,7 @@ impl Broker {
     /// serving connected clients for a while after SIGTERM).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(2);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -211,9 +196,8 @@ impl Broker {
 
     /// Creates `name` with `partitions` partitions.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.addr())
-            .create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", self.addr()).create()?;
         let results = admin
             .create_topics(
                 &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
@@ -242,9 +226,7 @@ impl Broker {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> anyhow::Result<()> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", self.addr())
-            .create()?;
+        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", self.addr()).create()?;
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
             h = h.insert(Header {
@@ -264,12 +246,7 @@ impl Broker {
 
     /// Reads every record of `topic` from the start until `want` have been
     /// read or `timeout` passes (no consumer group involved).
-    pub async fn read_all(
-        &self,
-        topic: &str,
-        want: usize,
-        timeout: Duration,
-    ) -> anyhow::Result<Vec<OwnedMessage>> {
+    pub async fn read_all(&self, topic: &str, want: usize, timeout: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
         let (addr, topic) = (self.addr(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = ClientConfig::new()
@@ -279,11 +256,7 @@ impl Broker {
                 .set("fetch.wait.max.ms", "10")
                 .create()?;
             let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            let partitions = metadata
-                .topics()
-                .first()
-                .map(|t| t.partitions().len())
-                .unwrap_or(0);
+            let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
             let mut tpl = rdkafka::TopicPartitionList::new();
             for p in 0..partitions {
                 tpl.add_partition_offset(&topic, p as i32, rdkafka::Offset::Beginning)?;
@@ -327,10 +300,7 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
 /// (`target/<profile>/<name>`).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let path = dir.join(name);
     assert!(
         path.is_file(),

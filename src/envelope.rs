@@ -248,7 +248,7 @@ mod tests {
         assert!(matches!(decode(|_| None, None, MAX), Err(DecodeError::Empty)));
         let big = decode(|_| None, Some(&[0u8; 100]), 99);
         assert!(matches!(big, Err(DecodeError::TooLarge { size: 100, limit: 99 })));
-        assert!(matches!(decode(|_| None, Some(b"not protobuf"), MAX), Err(_)));
+        assert!(decode(|_| None, Some(b"not protobuf"), MAX).is_err());
         let ct = decode(
             |n| (n == "content-type").then_some(&b"application/json"[..]),
             Some(&record.value),
@@ -301,6 +301,75 @@ mod tests {
             order.items[0].unit_price_minor = price;
             let record = encode_order_created(&event, "/x");
             prop_assert_eq!(decode(lookup(&record), Some(&record.value), MAX).unwrap(), Event::OrderCreated(event));
+        }
+
+        // Random bytes rarely get past the first tag, so this one starts from
+        // a real encoding and damages it (overwrites, an insertion, a cut),
+        // which reaches the nested Order, LineItem and Timestamp decoders; the
+        // headers are an arbitrary list (any names, duplicates, non-UTF-8
+        // values) looked up last-wins as Kafka clients do, and the size limit
+        // is arbitrary too. Whatever comes in, decode answers without
+        // panicking, and an Ok is always a well-formed OrderCreated.
+        #[test]
+        fn decoding_damaged_records_with_arbitrary_headers_never_panics(
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..8),
+            insert in proptest::option::of((any::<proptest::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..16))),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+            headers in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("ce_type".to_owned()),
+                        Just("content-type".to_owned()),
+                        Just("ce_id".to_owned()),
+                        Just("ce_specversion".to_owned()),
+                        "[a-z_-]{0,16}",
+                    ],
+                    proptest::option::of(prop_oneof![
+                        Just(ORDER_CREATED_TYPE.as_bytes().to_vec()),
+                        Just(CONTENT_TYPE.as_bytes().to_vec()),
+                        Just(b"application/x-protobuf; proto=orders.v1.OrderCreated".to_vec()),
+                        proptest::collection::vec(any::<u8>(), 0..48),
+                    ]),
+                ),
+                0..8,
+            ),
+            max_bytes in prop_oneof![Just(MAX), 0usize..256],
+            drop_value in proptest::bool::weighted(0.05),
+        ) {
+            let mut value = encode_order_created(&sample(), "/x").value;
+            for (at, byte) in edits {
+                let i = at.index(value.len());
+                value[i] = byte;
+            }
+            if let Some((at, bytes)) = insert {
+                let i = at.index(value.len() + 1);
+                value.splice(i..i, bytes);
+            }
+            if let Some(at) = cut {
+                value.truncate(at.index(value.len() + 1));
+            }
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, v)| v.as_deref())
+            };
+            let result = decode(header, (!drop_value).then_some(value.as_slice()), max_bytes);
+            match result {
+                Ok(Event::OrderCreated(event)) => {
+                    prop_assert!(!event.event_id.is_empty());
+                    prop_assert!(event.order.as_ref().is_some_and(|o| !o.order_id.is_empty()));
+                    prop_assert!(value.len() <= max_bytes);
+                    let ce_type = header(header::TYPE);
+                    prop_assert!(ce_type.is_none() || ce_type == Some(ORDER_CREATED_TYPE.as_bytes()));
+                }
+                Err(e) => {
+                    // Every error has a stable class and a message.
+                    prop_assert!(!e.class().is_empty());
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
         }
     }
 }

@@ -1,0 +1,122 @@
+//! The gRPC ceilings: a bare `OrderService` that answers a fixed order at
+//! once (ceiling 1), or after one rdkafka produce with the service's producer
+//! settings has been acknowledged (ceiling 2). No validation, metrics,
+//! tracing or idempotency: what any service built from tonic + rdkafka can
+//! reach on this machine.
+
+use std::{net::SocketAddr, time::Duration};
+
+use orders_contract::{
+    envelope::Record,
+    v1::{
+        CreateOrderRequest, CreateOrderResponse, Order,
+        order_service_server::{OrderService, OrderServiceServer},
+    },
+};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use service_kit::kafka::{KafkaOptions, Role, client_config};
+use tonic::{Request, Response, Status};
+
+use crate::raw;
+
+/// Where the Kafka ceiling publishes.
+#[derive(Debug, Clone)]
+pub struct KafkaTarget {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// Extra librdkafka properties (as order-svc's `KAFKA_OPTIONS`).
+    pub options: KafkaOptions,
+}
+
+/// order-svc's producer configuration: its defaults, then `options`.
+pub fn service_producer_config(brokers: &str, options: &KafkaOptions) -> rdkafka::ClientConfig {
+    client_config(
+        brokers,
+        Role::Producer,
+        order_svc::publisher::producer_defaults(Duration::from_secs(5)),
+        options,
+    )
+}
+
+struct BareApi {
+    producer: Option<(FutureProducer, String)>,
+    record: Record,
+    order: Order,
+}
+
+impl std::fmt::Debug for BareApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BareApi")
+            .field("kafka", &self.producer.is_some())
+            .finish()
+    }
+}
+
+/// The headers of `record` as rdkafka headers.
+pub fn headers(record: &Record) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    headers
+}
+
+#[tonic::async_trait]
+impl OrderService for BareApi {
+    async fn create_order(
+        &self,
+        _request: Request<CreateOrderRequest>,
+    ) -> Result<Response<CreateOrderResponse>, Status> {
+        if let Some((producer, topic)) = &self.producer {
+            let record = FutureRecord::to(topic)
+                .key(&self.record.key)
+                .payload(&self.record.value)
+                .headers(headers(&self.record));
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| Status::unavailable(e.to_string()))?;
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(Status::unavailable(e.to_string())),
+                Err(_) => return Err(Status::unavailable("producer dropped")),
+            }
+        }
+        Ok(Response::new(CreateOrderResponse {
+            order: Some(self.order.clone()),
+        }))
+    }
+}
+
+/// Serves the bare service on `addr` until the process ends; prints
+/// `listening on <addr>` once bound.
+pub async fn serve(addr: SocketAddr, kafka: Option<KafkaTarget>, nodelay: bool) -> anyhow::Result<()> {
+    let producer = match &kafka {
+        Some(k) => {
+            let producer: FutureProducer = service_producer_config(&k.brokers, &k.options).create()?;
+            Some((producer, k.topic.clone()))
+        }
+        None => None,
+    };
+    let event = raw::sample_event(0);
+    let api = BareApi {
+        producer,
+        record: orders_contract::envelope::encode_order_created(&event, "/bench"),
+        order: event.order.clone().unwrap_or_default(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(nodelay));
+    tonic::transport::Server::builder()
+        .add_service(OrderServiceServer::new(api))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `bench`: run everything (`bench all`), drive one target (`bench loadgen`),
+//! or serve a ceiling (`bench serve-bare`, used by `bench all`).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use bench::{bare, loadgen, procs, run, stats::Percentiles};
+use clap::{Args, Parser, Subcommand};
+use service_kit::kafka::KafkaOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "CreateOrder benchmarks against the tonic and rdkafka ceilings"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a broker (unless --brokers) and the services, measure
+    /// everything, print the results table.
+    All(AllArgs),
+    /// Drive one OrderService endpoint, closed loop (--concurrency) or open
+    /// loop (--rate).
+    Loadgen(LoadArgs),
+    /// Serve the bare OrderService ceiling (with --brokers: one produce per call).
+    ServeBare(BareArgs),
+}
+
+#[derive(Debug, Args)]
+struct AllArgs {
+    /// Short runs (1 s warm-up, 3 s per closed-loop run, 5 s open loop,
+    /// 100,000 catch-up records) for a quick check.
+    #[arg(long)]
+    quick: bool,
+    /// Closed-loop concurrencies, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+    concurrency: Vec<usize>,
+    /// HTTP/2 connections per run (at most one per concurrent call).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Unmeasured warm-up before each run [default: 2s, quick 1s].
+    #[arg(long, value_parser = humantime_duration)]
+    warmup: Option<Duration>,
+    /// Measured time of each closed-loop run [default: 10s, quick 3s].
+    #[arg(long, value_parser = humantime_duration)]
+    duration: Option<Duration>,
+    /// Open-loop rate for the end-to-end comparison, calls/s.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Measured time of the open-loop runs [default: 20s, quick 5s].
+    #[arg(long, value_parser = humantime_duration)]
+    e2e_duration: Option<Duration>,
+    /// Records pre-filled for the catch-up [default: 1000000, quick 100000].
+    #[arg(long)]
+    catchup_count: Option<u64>,
+    /// Partitions of each topic the run creates.
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+    /// Tansu storage: memory, sqlite, or a full storage URL.
+    #[arg(long, default_value = "memory")]
+    storage: String,
+    /// Tansu binary.
+    #[arg(long, env = "TANSU", default_value = "tansu")]
+    tansu: PathBuf,
+    /// Use this running broker instead of starting Tansu.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// librdkafka properties for every client.
+    #[arg(
+        long,
+        env = "KAFKA_OPTIONS",
+        default_value = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10"
+    )]
+    kafka_options: KafkaOptions,
+    /// Target a running order-svc (http://host:port) instead of starting one.
+    #[arg(long)]
+    order_svc_url: Option<String>,
+    /// The running order-svc's pid, for its RSS and CPU.
+    #[arg(long)]
+    order_svc_pid: Option<u32>,
+    /// order-svc binary [default: next to this one].
+    #[arg(long)]
+    order_svc_bin: Option<PathBuf>,
+    /// notify-svc binary [default: next to this one].
+    #[arg(long)]
+    notify_svc_bin: Option<PathBuf>,
+    /// Also write the report (Markdown) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// The OrderService endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Calls in flight (closed loop).
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections.
+    #[arg(long, short = 'm', default_value_t = 4)]
+    connections: usize,
+    /// Fixed rate in calls/s (open loop); latency counts from the scheduled time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    duration: Duration,
+    /// Unmeasured warm-up.
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    warmup: Duration,
+}
+
+#[derive(Debug, Args)]
+struct BareArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+    /// Produce one record per call to this broker (ceiling 2).
+    #[arg(long, requires = "topic")]
+    brokers: Option<String>,
+    /// Topic for those records.
+    #[arg(long)]
+    topic: Option<String>,
+    /// librdkafka properties over order-svc's producer defaults.
+    #[arg(long, default_value = "")]
+    kafka_options: KafkaOptions,
+    /// Leave Nagle's algorithm on for accepted connections.
+    #[arg(long)]
+    no_nodelay: bool,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::All(a) => {
+            let q = a.quick;
+            let pick = |v: Option<Duration>, full: u64, quick: u64| {
+                v.unwrap_or(Duration::from_secs(if q { quick } else { full }))
+            };
+            run::all(run::Settings {
+                concurrency: a.concurrency,
+                connections: a.connections,
+                warmup: pick(a.warmup, 2, 1),
+                duration: pick(a.duration, 10, 3),
+                rate: a.rate,
+                e2e_duration: pick(a.e2e_duration, 20, 5),
+                catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),
+                partitions: a.partitions,
+                storage: a.storage,
+                tansu: a.tansu,
+                brokers: a.brokers,
+                kafka_options: a.kafka_options,
+                order_svc_url: a.order_svc_url,
+                order_svc_pid: a.order_svc_pid,
+                order_svc_bin: a.order_svc_bin.unwrap_or_else(|| procs::sibling_binary("order-svc")),
+                notify_svc_bin: a.notify_svc_bin.unwrap_or_else(|| procs::sibling_binary("notify-svc")),
+                out: a.out,
+            })
+            .await
+        }
+        Cmd::Loadgen(a) => {
+            let result = loadgen::run(&loadgen::LoadSpec {
+                target: a.target,
+                connections: a.connections,
+                concurrency: a.concurrency,
+                rate: a.rate,
+                duration: a.duration,
+                warmup: a.warmup,
+                track_orders: false,
+            })
+            .await?;
+            println!(
+                "{:.0} calls/s, {}, errors {}",
+                result.rate(),
+                Percentiles::of(&result.latency),
+                result.errors
+            );
+            if let Some(service) = &result.service_time {
+                println!("service time (from send): {}", Percentiles::of(service));
+            }
+            if let Some(e) = result.first_error {
+                println!("first error: {e}");
+            }
+            Ok(())
+        }
+        Cmd::ServeBare(a) => {
+            let kafka = a.brokers.map(|brokers| bare::KafkaTarget {
+                brokers,
+                topic: a.topic.unwrap_or_default(),
+                options: a.kafka_options,
+            });
+            bare::serve(a.addr, kafka, !a.no_nodelay).await
+        }
+    }
+}

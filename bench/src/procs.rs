@@ -1,0 +1,218 @@
+//! Child processes (broker, services, ceiling servers) and what /proc says
+//! about them: resident memory and CPU time.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `command` (stdin closed), killed on drop.
+    pub fn spawn(name: &str, mut command: Command) -> anyhow::Result<Self> {
+        command.stdin(Stdio::null()).kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Reads stdout lines until one starts with `prefix`; returns the rest of
+    /// that line.
+    pub async fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let stdout = self
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("{}: stdout is not piped", self.name))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return Ok::<_, std::io::Error>(Some(rest.trim().to_owned()));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        match found {
+            Ok(Ok(Some(rest))) => Ok(rest),
+            _ => anyhow::bail!("{} did not print {prefix:?} within {timeout:?}", self.name),
+        }
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => anyhow::bail!("{} exited: {status}", self.name),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts connections on `addr`.
+pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A binary next to this one (`target/release/<name>`), else `name` on PATH.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resident set size now (`VmRSS`), in MiB.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmRSS:").map(|k| k as f64 / 1024.0)
+}
+
+/// Peak resident set size (`VmHWM`), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0)
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux architecture we run on.
+    100.0
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// Busy and total jiffies of the whole machine.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?;
+    let values: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = values.iter().sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// CPU use over a measured window: the machine's, and named processes'.
+#[derive(Debug)]
+pub struct CpuWindow {
+    started: Instant,
+    machine: Option<(u64, u64)>,
+    procs: Vec<(String, u32, Option<f64>)>,
+}
+
+impl CpuWindow {
+    /// Starts a window watching `procs` (name, pid); pid 0 is skipped.
+    pub fn start(procs: &[(&str, u32)]) -> Self {
+        Self {
+            started: Instant::now(),
+            machine: machine_jiffies(),
+            procs: procs
+                .iter()
+                .filter(|(_, pid)| *pid != 0)
+                .map(|(n, pid)| ((*n).to_owned(), *pid, cpu_seconds(*pid)))
+                .collect(),
+        }
+    }
+
+    /// "machine 97% | broker 80% | order-svc 60% | ..." (per-process figures
+    /// in % of one core; the machine's in % of all cores).
+    pub fn finish(&self) -> String {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let mut parts = Vec::new();
+        if let (Some((b0, t0)), Some((b1, t1))) = (self.machine, machine_jiffies()) {
+            let total = (t1 - t0).max(1) as f64;
+            parts.push(format!("machine {:.0}%", 100.0 * (b1 - b0) as f64 / total));
+        }
+        for (name, pid, before) in &self.procs {
+            if let (Some(before), Some(after)) = (before, cpu_seconds(*pid)) {
+                parts.push(format!("{name} {:.0}%", 100.0 * (after - before) / wall));
+            }
+        }
+        parts.join(" | ")
+    }
+}
+
+/// Starts a Tansu broker on 127.0.0.1:`port` with `storage` (`memory` or
+/// `sqlite`, the latter in `dir`).
+pub fn start_tansu(tansu: &Path, port: u16, storage: &str, dir: &Path) -> anyhow::Result<Proc> {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let engine = match storage {
+        "memory" => "memory://tansu/".to_owned(),
+        "sqlite" => "sqlite://tansu.db".to_owned(),
+        other => other.to_owned(),
+    };
+    let mut command = Command::new(tansu);
+    command
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args(["--storage-engine", &engine])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("tansu.log"))?);
+    Proc::spawn("tansu", command)
+}

@@ -1,0 +1,697 @@
+//! `bench all`: one run that starts a broker (unless given one), the ceiling
+//! servers and the services, drives each with the same generator and
+//! settings, and prints every figure beside its ceiling and target.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use service_kit::kafka::KafkaOptions;
+use tokio::process::Command;
+
+use crate::{
+    loadgen::{self, LoadSpec},
+    procs::{self, CpuWindow, Proc},
+    prom, raw,
+    stats::{self, Percentiles},
+};
+
+/// Everything `bench all` can be told.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Closed-loop concurrencies.
+    pub concurrency: Vec<usize>,
+    /// HTTP/2 connections per run (capped at the concurrency).
+    pub connections: usize,
+    /// Unmeasured time before each run.
+    pub warmup: Duration,
+    /// Measured time of each closed-loop run.
+    pub duration: Duration,
+    /// Open-loop rate for the end-to-end comparison.
+    pub rate: f64,
+    /// Measured time of the open-loop and raw end-to-end runs.
+    pub e2e_duration: Duration,
+    /// Records pre-filled for the catch-up and raw drain.
+    pub catchup_count: u64,
+    /// Partitions of every topic the run creates.
+    pub partitions: i32,
+    /// `memory` or `sqlite` (or a full Tansu storage URL).
+    pub storage: String,
+    /// The Tansu binary.
+    pub tansu: PathBuf,
+    /// Use this broker instead of starting Tansu.
+    pub brokers: Option<String>,
+    /// librdkafka properties for every client (services and raw).
+    pub kafka_options: KafkaOptions,
+    /// Target a running order-svc (`http://host:port`) instead of starting one.
+    pub order_svc_url: Option<String>,
+    /// Its pid, for RSS and CPU.
+    pub order_svc_pid: Option<u32>,
+    /// order-svc and notify-svc binaries.
+    pub order_svc_bin: PathBuf,
+    /// notify-svc binary.
+    pub notify_svc_bin: PathBuf,
+    /// Also write the report here.
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Row {
+    what: String,
+    concurrency: String,
+    rate: f64,
+    unit: &'static str,
+    latency: Percentiles,
+    errors: u64,
+    cpu: String,
+}
+
+#[derive(Debug, Default)]
+struct Results {
+    rows: Vec<Row>,
+    /// (what, concurrency) -> rate
+    rates: HashMap<(&'static str, usize), f64>,
+    p50: HashMap<(&'static str, usize), f64>,
+    notes: Vec<String>,
+    e2e_service: Option<Percentiles>,
+    e2e_service_hist_p99: Option<f64>,
+    e2e_raw: Option<Percentiles>,
+    open_loop: Option<Percentiles>,
+    drain_rate: Option<f64>,
+    catchup_rate: Option<f64>,
+    rss: Vec<(String, Option<f64>, Option<f64>)>,
+}
+
+const BARE: &str = "ceiling 1: bare tonic";
+const BARE_KAFKA: &str = "ceiling 2: tonic + produce";
+const RAW_PRODUCE: &str = "ceiling 3: raw producer";
+const ORDER_SVC: &str = "order-svc CreateOrder";
+
+fn note(results: &mut Results, line: String) {
+    eprintln!("{line}");
+    results.notes.push(line);
+}
+
+/// Runs everything and prints the report.
+pub async fn all(s: Settings) -> anyhow::Result<()> {
+    let run_id = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let dir = std::env::temp_dir().join(format!("orders-bench-{run_id}"));
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("bench: working directory {}", dir.display());
+    let http = reqwest::Client::new();
+    let mut r = Results::default();
+    let opts = s.kafka_options.to_string();
+
+    // Broker.
+    let (brokers, broker) = match &s.brokers {
+        Some(b) => (b.clone(), None),
+        None => {
+            let port = procs::free_port()?;
+            let broker = procs::start_tansu(&s.tansu, port, &s.storage, &dir)?;
+            procs::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
+            (format!("127.0.0.1:{port}"), Some(broker))
+        }
+    };
+    let broker_pid = broker.as_ref().map_or(0, Proc::pid);
+    let topic = |name: &str| format!("bench-{run_id}-{name}");
+    let (orders, ceiling, raw_topic, e2e_topic, catchup) = (
+        topic("orders"),
+        topic("ceiling"),
+        topic("raw"),
+        topic("e2e"),
+        topic("catchup"),
+    );
+    let topics: Vec<(String, i32)> = [
+        &orders,
+        &format!("{orders}.dlq"),
+        &ceiling,
+        &raw_topic,
+        &e2e_topic,
+        &catchup,
+        &format!("{catchup}.dlq"),
+    ]
+    .into_iter()
+    .map(|t| (t.clone(), s.partitions))
+    .collect();
+    raw::create_topics(&brokers, &topics).await?;
+    eprintln!("bench: broker {brokers}, topics created");
+
+    // Ceiling servers, each in its own process like the service.
+    let exe = std::env::current_exe()?;
+    let mut bare = Proc::spawn("bare server", bare_command(&exe, None, &s.kafka_options))?;
+    let bare_url = format!(
+        "http://{}",
+        bare.wait_for_line("listening on", Duration::from_secs(10)).await?
+    );
+    let mut bare_kafka = Proc::spawn(
+        "bare+kafka server",
+        bare_command(&exe, Some((&brokers, &ceiling)), &s.kafka_options),
+    )?;
+    let bare_kafka_url = format!(
+        "http://{}",
+        bare_kafka
+            .wait_for_line("listening on", Duration::from_secs(10))
+            .await?
+    );
+
+    // order-svc.
+    let (order_url, order_proc) = match &s.order_svc_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let (grpc, metrics) = (procs::free_port()?, procs::free_port()?);
+            let mut command = Command::new(&s.order_svc_bin);
+            command
+                .env("KAFKA_BROKERS", &brokers)
+                .env("ORDERS_TOPIC", &orders)
+                .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+                .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+                .env("KAFKA_OPTIONS", &opts)
+                .env("RUST_LOG", "info")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .stdout(std::fs::File::create(dir.join("order-svc.log"))?)
+                .stderr(Stdio::inherit());
+            let p = Proc::spawn("order-svc", command)?;
+            wait_ready(
+                &http,
+                &format!("http://127.0.0.1:{metrics}/readyz"),
+                Duration::from_secs(30),
+            )
+            .await?;
+            (format!("http://127.0.0.1:{grpc}"), Some(p))
+        }
+    };
+    let order_pid = order_proc.as_ref().map(Proc::pid).or(s.order_svc_pid).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let order_idle = procs::rss_mib(order_pid);
+    let watched = |svc: u32| vec![("broker", broker_pid), ("svc", svc), ("bench", std::process::id())];
+
+    // Closed loop: every target at every concurrency, interleaved so each
+    // sees the same machine state.
+    for &c in &s.concurrency {
+        for (label, url, pid) in [
+            (BARE, &bare_url, bare.pid()),
+            (BARE_KAFKA, &bare_kafka_url, bare_kafka.pid()),
+            (ORDER_SVC, &order_url, order_pid),
+        ] {
+            let spec = LoadSpec {
+                target: url.clone(),
+                connections: s.connections.min(c).max(1),
+                concurrency: c,
+                rate: None,
+                duration: s.duration,
+                warmup: s.warmup,
+                track_orders: false,
+            };
+            let cpu = CpuWindow::start(&watched(pid));
+            let result = loadgen::run(&spec).await?;
+            let cpu = cpu.finish();
+            let row = Row {
+                what: label.to_owned(),
+                concurrency: format!("{c} over {} conn", spec.connections),
+                rate: result.rate(),
+                unit: "calls/s",
+                latency: Percentiles::of(&result.latency),
+                errors: result.errors,
+                cpu,
+            };
+            eprintln!(
+                "bench: {label} C={c}: {:.0} calls/s, {}, errors {} [{}]",
+                row.rate, row.latency, row.errors, row.cpu
+            );
+            if let Some(e) = &result.first_error {
+                note(&mut r, format!("{label} C={c}: first error: {e}"));
+            }
+            r.rates.insert((label, c), row.rate);
+            r.p50.insert((label, c), row.latency.p50);
+            r.rows.push(row);
+        }
+        let cpu = CpuWindow::start(&watched(0));
+        let result = raw::produce_closed_loop(&brokers, &raw_topic, &s.kafka_options, c, s.warmup, s.duration).await?;
+        let row = Row {
+            what: RAW_PRODUCE.to_owned(),
+            concurrency: c.to_string(),
+            rate: result.ok as f64 / result.elapsed.as_secs_f64(),
+            unit: "msgs/s",
+            latency: Percentiles::of(&result.latency),
+            errors: result.errors,
+            cpu: cpu.finish(),
+        };
+        eprintln!(
+            "bench: {RAW_PRODUCE} C={c}: {:.0} msgs/s, {}, errors {} [{}]",
+            row.rate, row.latency, row.errors, row.cpu
+        );
+        r.rates.insert((RAW_PRODUCE, c), row.rate);
+        r.rows.push(row);
+    }
+    let bare_peaks = (procs::peak_rss_mib(bare.pid()), procs::peak_rss_mib(bare_kafka.pid()));
+    bare.stop(Duration::from_secs(2)).await;
+    bare_kafka.stop(Duration::from_secs(2)).await;
+
+    // End to end at a fixed rate: order-svc -> broker -> notify-svc.
+    let mut notify_idle = None;
+    let mut notify_peak = None;
+    if s.order_svc_url.is_none() {
+        let metrics_port = procs::free_port()?;
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let log = dir.join("notify-svc.log");
+        // A new group starting at the end of the topic: the closed-loop
+        // records above are not part of this measurement.
+        let notify = spawn_notify(
+            &s,
+            &brokers,
+            &orders,
+            &format!("bench-{run_id}-notify"),
+            &format!("{opts},auto.offset.reset=latest"),
+            metrics_port,
+            &log,
+        )?;
+        wait_ready(&http, &metrics_url, Duration::from_secs(30)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        notify_idle = procs::rss_mib(notify.pid());
+        // Wait until it has partitions: orders sent now reach it.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut client = orders_contract::v1::order_service_client::OrderServiceClient::new(
+            loadgen::connect(&order_url, 1).await?.remove(0),
+        );
+        loop {
+            let _ = client.create_order(loadgen::request(0)).await;
+            let text = prom::scrape(&http, &metrics_url).await?;
+            if prom::value(&text, "notifications_sent_total") > 0.0 {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "notify-svc saw no order within 90 s");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let before = prom::scrape(&http, &metrics_url).await?;
+        let spec = LoadSpec {
+            target: order_url.clone(),
+            connections: s.connections,
+            concurrency: 0,
+            rate: Some(s.rate),
+            duration: s.e2e_duration,
+            warmup: s.warmup,
+            track_orders: true,
+        };
+        let cpu = CpuWindow::start(&[
+            ("broker", broker_pid),
+            ("order-svc", order_pid),
+            ("notify-svc", notify.pid()),
+            ("bench", std::process::id()),
+        ]);
+        let result = loadgen::run(&spec).await?;
+        let cpu = cpu.finish();
+        // Every call made so far must have been notified.
+        let want = prom::value(&before, "notifications_sent_total") + result.ok as f64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut after = prom::scrape(&http, &metrics_url).await?;
+        while prom::value(&after, "notifications_sent_total") < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            after = prom::scrape(&http, &metrics_url).await?;
+        }
+        let open = Percentiles::of(&result.latency);
+        eprintln!(
+            "bench: open loop {} calls/s: {:.0} calls/s, from schedule {open}, errors {} [{cpu}]",
+            s.rate,
+            result.rate(),
+            result.errors
+        );
+        r.rows.push(Row {
+            what: format!("order-svc open loop at {}/s (from schedule)", s.rate),
+            concurrency: "open".into(),
+            rate: result.rate(),
+            unit: "calls/s",
+            latency: open,
+            errors: result.errors,
+            cpu: cpu.clone(),
+        });
+        r.open_loop = Some(open);
+        let started: HashMap<String, SystemTime> = result.started.into_iter().collect();
+        let (e2e, missing) = prom::log_end_to_end(&log, &started)?;
+        let e2e = Percentiles::of(&e2e);
+        if missing > 0 {
+            note(
+                &mut r,
+                format!(
+                    "end to end: {missing} of {} orders not found in the notify-svc log",
+                    started.len()
+                ),
+            );
+        }
+        let hist_p99 = prom::quantile_between(
+            &prom::buckets(&before, "event_end_to_end_seconds"),
+            &prom::buckets(&after, "event_end_to_end_seconds"),
+            0.99,
+        )
+        .map(|s| s * 1e3);
+        eprintln!(
+            "bench: end to end (call start to notification line): {e2e}; notify-svc histogram p99 ~{} ms",
+            hist_p99.map_or("-".into(), stats::ms)
+        );
+        r.rows.push(Row {
+            what: format!("service end to end at {}/s (call start to notification)", s.rate),
+            concurrency: "open".into(),
+            rate: e2e.count as f64 / s.e2e_duration.as_secs_f64(),
+            unit: "events/s",
+            latency: e2e,
+            errors: missing as u64,
+            cpu,
+        });
+        r.e2e_service = Some(e2e);
+        r.e2e_service_hist_p99 = hist_p99;
+        notify_peak = procs::peak_rss_mib(notify.pid());
+        notify.stop(Duration::from_secs(5)).await;
+    } else {
+        note(
+            &mut r,
+            "order-svc given by URL: service end to end not measured (needs the notify-svc log)".into(),
+        );
+    }
+
+    // Raw end to end at the same rate.
+    let cpu = CpuWindow::start(&watched(0));
+    let raw_e2e = raw::end_to_end(&brokers, &e2e_topic, &s.kafka_options, s.rate, s.warmup, s.e2e_duration).await?;
+    let raw_pct = Percentiles::of(&raw_e2e.latency);
+    eprintln!(
+        "bench: raw end to end at {}/s: {raw_pct}, {} of {} received",
+        s.rate, raw_e2e.received, raw_e2e.sent
+    );
+    r.rows.push(Row {
+        what: format!("raw producer -> consumer at {}/s", s.rate),
+        concurrency: "open".into(),
+        rate: raw_e2e.received as f64 / s.e2e_duration.as_secs_f64(),
+        unit: "msgs/s",
+        latency: raw_pct,
+        errors: raw_e2e.sent.saturating_sub(raw_e2e.received),
+        cpu: cpu.finish(),
+    });
+    r.e2e_raw = Some(raw_pct);
+
+    // Catch-up: pre-fill, raw drain (ceiling 4), then notify-svc.
+    eprintln!("bench: pre-filling {catchup} with {} records", s.catchup_count);
+    let took = raw::prefill(&brokers, &catchup, &s.kafka_options, s.catchup_count).await?;
+    note(
+        &mut r,
+        format!(
+            "pre-fill: {} records in {:.1} s ({:.0} msgs/s, batching producer)",
+            s.catchup_count,
+            took.as_secs_f64(),
+            s.catchup_count as f64 / took.as_secs_f64()
+        ),
+    );
+    let cpu = CpuWindow::start(&watched(0));
+    let drain = {
+        let (b, t, o, n) = (
+            brokers.clone(),
+            catchup.clone(),
+            s.kafka_options.clone(),
+            s.catchup_count,
+        );
+        let group = format!("bench-{run_id}-drain");
+        tokio::task::spawn_blocking(move || raw::drain(&b, &t, &group, &o, n, Duration::from_secs(900))).await??
+    };
+    eprintln!(
+        "bench: raw consumer drained {} records at {:.0} msgs/s (join {:.1} s)",
+        drain.count,
+        drain.rate(),
+        drain.join.as_secs_f64()
+    );
+    r.rows.push(Row {
+        what: "ceiling 4: raw consumer drain".into(),
+        concurrency: "-".into(),
+        rate: drain.rate(),
+        unit: "msgs/s",
+        latency: Percentiles::default(),
+        errors: 0,
+        cpu: cpu.finish(),
+    });
+    r.drain_rate = Some(drain.rate());
+
+    let metrics_port = procs::free_port()?;
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let notify = spawn_notify(
+        &s,
+        &brokers,
+        &catchup,
+        &format!("bench-{run_id}-catchup"),
+        &opts,
+        metrics_port,
+        &dir.join("notify-svc-catchup.log"),
+    )?;
+    let cpu = CpuWindow::start(&[("broker", broker_pid), ("notify-svc", notify.pid())]);
+    let spawned = Instant::now();
+    let deadline = spawned + Duration::from_secs(120) + Duration::from_secs(s.catchup_count / 5_000);
+    let (mut first, mut sent) = (None, 0.0);
+    let mut cpu_from_first = None;
+    while sent < s.catchup_count as f64 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "notify-svc sent {sent} of {} notifications before the deadline",
+            s.catchup_count
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(text) = prom::scrape(&http, &metrics_url).await else {
+            continue;
+        };
+        let consumed = prom::value(&text, "events_consumed_total");
+        sent = prom::value(&text, "notifications_sent_total");
+        if first.is_none() && consumed > 0.0 {
+            first = Some((Instant::now(), consumed));
+            cpu_from_first = Some(CpuWindow::start(&[
+                ("broker", broker_pid),
+                ("notify-svc", notify.pid()),
+            ]));
+        }
+    }
+    let done = Instant::now();
+    let (first_at, first_count) = first.unwrap_or((spawned, 0.0));
+    let rate = (sent - first_count) / (done - first_at).as_secs_f64().max(1e-9);
+    let cpu = cpu_from_first.map_or_else(|| cpu.finish(), |c| c.finish());
+    eprintln!(
+        "bench: notify-svc caught up on {sent} events at {rate:.0} events/s ({:.1} s from start, {:.1} s to the first event) [{cpu}]",
+        (done - spawned).as_secs_f64(),
+        (first_at - spawned).as_secs_f64()
+    );
+    r.rows.push(Row {
+        what: "notify-svc catch-up (log sink to a file)".into(),
+        concurrency: "-".into(),
+        rate,
+        unit: "events/s",
+        latency: Percentiles::default(),
+        errors: 0,
+        cpu,
+    });
+    r.catchup_rate = Some(rate);
+    let catchup_peak = procs::peak_rss_mib(notify.pid());
+    notify.stop(Duration::from_secs(5)).await;
+
+    let order_peak = procs::peak_rss_mib(order_pid);
+    r.rss = vec![
+        ("order-svc".into(), order_idle, order_peak),
+        ("notify-svc (end-to-end run)".into(), notify_idle, notify_peak),
+        ("notify-svc (catch-up run)".into(), None, catchup_peak),
+        ("bare server (ceiling 1)".into(), None, bare_peaks.0),
+        ("bare+kafka server (ceiling 2)".into(), None, bare_peaks.1),
+    ];
+    if let Some(p) = order_proc {
+        p.stop(Duration::from_secs(5)).await;
+    }
+    if let Some(b) = broker {
+        b.stop(Duration::from_secs(3)).await;
+    }
+
+    let report = report(&s, &r);
+    println!("{report}");
+    if let Some(out) = &s.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
+
+fn bare_command(exe: &std::path::Path, kafka: Option<(&str, &str)>, options: &KafkaOptions) -> Command {
+    let mut command = Command::new(exe);
+    command.args(["serve-bare", "--addr", "127.0.0.1:0"]);
+    if let Some((brokers, topic)) = kafka {
+        command
+            .args(["--brokers", brokers, "--topic", topic])
+            .arg(format!("--kafka-options={options}"));
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    command
+}
+
+fn spawn_notify(
+    s: &Settings,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    options: &str,
+    metrics_port: u16,
+    log: &std::path::Path,
+) -> anyhow::Result<Proc> {
+    let mut command = Command::new(&s.notify_svc_bin);
+    command
+        .env("KAFKA_BROKERS", brokers)
+        .env("ORDERS_TOPIC", topic)
+        .env("KAFKA_GROUP_ID", group)
+        .env("DLQ_TOPIC", format!("{topic}.dlq"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("KAFKA_OPTIONS", options)
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("NOTIFY_WEBHOOK_URL")
+        .stdout(std::fs::File::create(log)?)
+        .stderr(Stdio::inherit());
+    Proc::spawn("notify-svc", command)
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(response) = http.get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{url} not ready after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn opt_ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "n/a",
+    }
+}
+
+fn report(s: &Settings, r: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Results\n\nwarm-up {:?}, closed-loop runs {:?} each, open loop {:?} at {}/s, {} partitions, broker: {}, KAFKA_OPTIONS `{}`\n",
+        s.warmup,
+        s.duration,
+        s.e2e_duration,
+        s.rate,
+        s.partitions,
+        s.brokers
+            .clone()
+            .unwrap_or_else(|| format!("Tansu ({} storage), co-located", s.storage)),
+        s.kafka_options
+    );
+    let _ = writeln!(
+        out,
+        "| run | concurrency | rate | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | CPU (machine of 2 cores; processes in % of one core) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for row in &r.rows {
+        let l = &row.latency;
+        let lat = |v: f64| if l.count == 0 { "-".to_owned() } else { stats::ms(v) };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} {} | {} | {} | {} | {} | {} | {} |",
+            row.what,
+            row.concurrency,
+            row.rate,
+            row.unit,
+            lat(l.p50),
+            lat(l.p90),
+            lat(l.p99),
+            lat(l.p999),
+            row.errors,
+            row.cpu
+        );
+    }
+
+    let _ = writeln!(out, "\n## Against the targets\n");
+    let _ = writeln!(out, "| target | measured | ceiling / bound | ratio | met |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let rate = |what, c| r.rates.get(&(what, c)).copied();
+    for (c, ceiling, label, want) in [
+        (64, BARE_KAFKA, "ceiling 2", 0.90),
+        (256, BARE_KAFKA, "ceiling 2", 0.90),
+        (64, BARE, "ceiling 1", 0.45),
+    ] {
+        let (m, ce) = (rate(ORDER_SVC, c), rate(ceiling, c));
+        let ratio = opt_ratio(m, ce);
+        let _ = writeln!(
+            out,
+            "| CreateOrder >= {want} x {label} at C={c} | {} calls/s | {} calls/s | {} | {} |",
+            m.map_or("-".into(), |v| format!("{v:.0}")),
+            ce.map_or("-".into(), |v| format!("{v:.0}")),
+            ratio.map_or("-".into(), |v| format!("{v:.2}")),
+            verdict(ratio.map(|x| x >= want))
+        );
+    }
+    let p50 = r.p50.get(&(ORDER_SVC, 1)).copied();
+    let _ = writeln!(
+        out,
+        "| CreateOrder p50 at C=1 <= 0.5 ms | {} ms | bare tonic {} ms, tonic + produce {} ms | - | {} |",
+        p50.map_or("-".into(), stats::ms),
+        r.p50.get(&(BARE, 1)).map_or("-".into(), |v| stats::ms(*v)),
+        r.p50.get(&(BARE_KAFKA, 1)).map_or("-".into(), |v| stats::ms(*v)),
+        verdict(p50.map(|v| v <= 0.5))
+    );
+    let p99 = |p: Option<Percentiles>| p.filter(|p| p.count > 0).map(|p| p.p99);
+    let (svc, rawp) = (p99(r.e2e_service), p99(r.e2e_raw));
+    let ratio = opt_ratio(svc, rawp);
+    let _ = writeln!(
+        out,
+        "| end-to-end p99 <= 1.25 x raw at {}/s | {} ms (notify-svc histogram: ~{} ms) | raw {} ms | {} | {} |",
+        s.rate,
+        svc.map_or("-".into(), stats::ms),
+        r.e2e_service_hist_p99.map_or("-".into(), stats::ms),
+        rawp.map_or("-".into(), stats::ms),
+        ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        verdict(ratio.map(|x| x <= 1.25))
+    );
+    let _ = writeln!(
+        out,
+        "| notify-svc catch-up >= 100k events/s ({} events) | {} events/s | raw consumer {} msgs/s | {} | {} |",
+        s.catchup_count,
+        r.catchup_rate.map_or("-".into(), |v| format!("{v:.0}")),
+        r.drain_rate.map_or("-".into(), |v| format!("{v:.0}")),
+        opt_ratio(r.catchup_rate, r.drain_rate).map_or("-".into(), |v| format!("{v:.2} of raw")),
+        verdict(r.catchup_rate.map(|v| v >= 100_000.0))
+    );
+    for (name, idle, peak) in &r.rss {
+        let mib = |v: &Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} MiB"));
+        let service = name.starts_with("order-svc") || name.starts_with("notify-svc");
+        let ok = match (service, idle, peak) {
+            (false, _, _) => None,
+            (true, i, Some(p)) => Some(i.is_none_or(|i| i <= 20.0) && *p <= 64.0),
+            _ => None,
+        };
+        let _ = writeln!(
+            out,
+            "| {name} RSS{} | idle {}, peak {} | 20 MiB idle, 64 MiB peak | - | {} |",
+            if service {
+                " <= 20 MiB idle, <= 64 MiB peak"
+            } else {
+                " (for reference)"
+            },
+            mib(idle),
+            mib(peak),
+            verdict(ok)
+        );
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(out, "\nNotes:");
+        for n in &r.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+    }
+    out
+}

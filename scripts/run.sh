@@ -20,7 +20,7 @@ mkdir -p "$run/tansu"
 
 scripts/install-tools.sh
 echo "==> building the services (release)"
-cargo build --release --locked --bin order-svc --bin notify-svc --bin orderctl
+cargo build --release --locked -p order-svc -p notify-svc -p orderctl
 bin="$root/target/release"
 
 tail_pid="" order_pid="" notify_pid="" broker_pid=""

@@ -91,16 +91,11 @@ impl TryFrom<CreateOrderRequest> for NewOrder {
         let mut items = Vec::with_capacity(req.items.len().min(MAX_ITEMS));
         let mut total: Option<i64> = Some(0);
         for (i, item) in req.items.into_iter().take(MAX_ITEMS).enumerate() {
-            match validate_item(i, item, &mut violations) {
-                Some(item) => {
-                    total = total.and_then(|t| {
-                        i64::from(item.quantity)
-                            .checked_mul(item.unit_price_minor)
-                            .and_then(|l| t.checked_add(l))
-                    });
-                    items.push(item);
-                }
-                None => {}
+            if let Some(item) = validate_item(i, item, &mut violations) {
+                total = total.and_then(|t| {
+                    i64::from(item.quantity).checked_mul(item.unit_price_minor).and_then(|l| t.checked_add(l))
+                });
+                items.push(item);
             }
         }
         let total_minor = match total {

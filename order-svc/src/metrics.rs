@@ -246,24 +246,15 @@ impl<B: Body> Body for MeteredBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(code) = f.trailers_ref().and_then(status_of) {
-                    if let Some(mut outcome) = this.outcome.take() {
-                        outcome.record(code);
-                    }
-                }
-            }
-            Some(Err(_)) => {
-                if let Some(mut outcome) = this.outcome.take() {
-                    outcome.record(tonic::Code::Internal);
-                }
-            }
-            None => {
-                if let Some(mut outcome) = this.outcome.take() {
-                    outcome.record(tonic::Code::Unknown);
-                }
-            }
+        let code = match &frame {
+            Some(Ok(f)) => f.trailers_ref().and_then(status_of),
+            Some(Err(_)) => Some(tonic::Code::Internal),
+            None => Some(tonic::Code::Unknown),
+        };
+        if let Some(code) = code
+            && let Some(mut outcome) = this.outcome.take()
+        {
+            outcome.record(code);
         }
         Poll::Ready(frame)
     }

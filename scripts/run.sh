@@ -23,6 +23,8 @@ echo "==> building the services (release)"
 cargo build --release --locked -p order-svc -p notify-svc -p orderctl
 bin="$root/target/release"
 
+# Children run in their own sessions (setsid) so that Ctrl+C reaches only this
+# script, which then stops them in order.
 tail_pid="" order_pid="" notify_pid="" broker_pid=""
 stop() {
   trap - INT TERM EXIT
@@ -52,7 +54,7 @@ fi
 echo "==> starting Tansu on 127.0.0.1:$BROKER_PORT (sqlite storage in .run/tansu)"
 url="tcp://127.0.0.1:$BROKER_PORT"
 # Tansu resolves the sqlite path against its working directory.
-(cd "$run/tansu" && exec tansu broker --listener-url "$url" --advertised-listener-url "$url" \
+(cd "$run/tansu" && exec setsid tansu broker --listener-url "$url" --advertised-listener-url "$url" \
   --storage-engine sqlite://tansu.db >"$run/tansu.log" 2>&1) &
 broker_pid=$!
 wait_port 127.0.0.1 "$BROKER_PORT" tansu
@@ -65,9 +67,9 @@ export KAFKA_BROKERS="127.0.0.1:$BROKER_PORT"
 # for low latency (see the README's configuration section).
 export KAFKA_OPTIONS="session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10"
 echo "==> starting notify-svc (metrics :$NOTIFY_METRICS_PORT) and order-svc (gRPC :$GRPC_PORT, metrics :$ORDER_METRICS_PORT)"
-METRICS_ADDR="0.0.0.0:$NOTIFY_METRICS_PORT" "$bin/notify-svc" >"$run/notify-svc.log" 2>&1 &
+METRICS_ADDR="0.0.0.0:$NOTIFY_METRICS_PORT" setsid "$bin/notify-svc" >"$run/notify-svc.log" 2>&1 &
 notify_pid=$!
-GRPC_ADDR="0.0.0.0:$GRPC_PORT" METRICS_ADDR="0.0.0.0:$ORDER_METRICS_PORT" "$bin/order-svc" >"$run/order-svc.log" 2>&1 &
+GRPC_ADDR="0.0.0.0:$GRPC_PORT" METRICS_ADDR="0.0.0.0:$ORDER_METRICS_PORT" setsid "$bin/order-svc" >"$run/order-svc.log" 2>&1 &
 order_pid=$!
 wait_ready "http://127.0.0.1:$ORDER_METRICS_PORT/readyz" order-svc
 wait_ready "http://127.0.0.1:$NOTIFY_METRICS_PORT/readyz" notify-svc

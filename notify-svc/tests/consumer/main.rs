@@ -1,1 +1,9 @@
-//! placeholder
+//! notify-svc's black-box tests: the in-process `Application` against a real
+//! Tansu broker and a real HTTP webhook receiver, a unique topic and group
+//! per test. One binary; each topic in its own file.
+
+mod dead_letters;
+mod delivery;
+mod helpers;
+mod offsets;
+mod operations;

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, field::Empty};
 
 use crate::{
+    auth::{Authenticator, Principal},
     domain::NewOrder,
     error::Error,
     idempotency::{self, Answers, Seen},
@@ -28,6 +29,7 @@ pub struct OrderApi {
     ce_source: String,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl OrderApi {
@@ -47,17 +49,28 @@ impl OrderApi {
             ce_source,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            auth: None,
         }
     }
 
+    /// Requires a bearer token checked by `auth` on every call.
+    pub fn with_auth(mut self, auth: Option<Authenticator>) -> Self {
+        self.auth = auth.map(Arc::new);
+        self
+    }
+
     /// Creates an order and publishes its event; the order is returned only
-    /// once the broker has acknowledged the event.
-    pub async fn create(&self, request: CreateOrderRequest) -> Result<Order, Error> {
+    /// once the broker has acknowledged the event. `caller` is the
+    /// authenticated principal when authentication is on.
+    pub async fn create(&self, request: CreateOrderRequest, caller: Option<Principal>) -> Result<Order, Error> {
         let _permit = self
             .in_flight
             .try_acquire()
             .map_err(|_| Error::Overloaded(self.max_in_flight))?;
         let new = NewOrder::try_from(request).map_err(Error::InvalidOrder)?;
+        if let Some(caller) = &caller {
+            caller.authorize(&new.user_id)?;
+        }
         let span = tracing::Span::current();
         span.record("user_id", new.user_id.as_str());
         match self.answers.lookup(&new) {
@@ -118,7 +131,17 @@ impl OrderService for OrderApi {
                 .map(str::to_owned)
         });
         async move {
-            match self.create(request.into_inner()).await {
+            let caller = match &self.auth {
+                Some(auth) => match auth.authenticate(request.metadata()) {
+                    Ok(principal) => Some(principal),
+                    Err(error) => {
+                        tracing::info!(%error, "call refused");
+                        return Err(error.into());
+                    }
+                },
+                None => None,
+            };
+            match self.create(request.into_inner(), caller).await {
                 Ok(order) => Ok(Response::new(CreateOrderResponse { order: Some(order) })),
                 Err(error) => {
                     match &error {

@@ -1,10 +1,14 @@
 //! Typed configuration: every setting is a flag and an environment variable,
 //! documented in `--help`. Invalid values stop the process before anything binds.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
-use service_kit::{kafka::KafkaOptions, telemetry::LogFormat};
+use service_kit::{
+    kafka::{KafkaOptions, KafkaSecurity},
+    secret::Secret,
+    telemetry::LogFormat,
+};
 
 /// The order API: validates orders and publishes an OrderCreated event to Kafka
 /// for each one, answering only once the broker has acknowledged it.
@@ -74,6 +78,52 @@ pub struct Config {
     /// (a shorter grpc-timeout from the client wins).
     #[arg(long, env = "GRPC_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub grpc_request_timeout: Duration,
+
+    /// TLS certificate chain (PEM) of the gRPC server; with GRPC_TLS_KEY,
+    /// the server speaks only TLS.
+    #[arg(long, env = "GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of the gRPC server.
+    #[arg(long, env = "GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// CA certificate (PEM): when set, clients must present a certificate
+    /// signed by it (mutual TLS). Needs GRPC_TLS_CERT and GRPC_TLS_KEY.
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
+    /// HS256 secret: when set, CreateOrder requires `authorization: Bearer <JWT>`
+    /// signed with it.
+    #[arg(
+        long,
+        env = "AUTH_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "auth_jwt_public_key"
+    )]
+    pub auth_jwt_secret: Option<Secret>,
+
+    /// Public key (PEM file, RSA or EC P-256): when set, CreateOrder requires
+    /// `authorization: Bearer <JWT>` signed RS256 or ES256 by its private key.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+
+    /// Required `iss` of tokens, when set.
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// Required `aud` of tokens, when set.
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Scope that lets a token create orders for any user (in its `scope`
+    /// claim, space-separated, or its `scp` list); other tokens may create
+    /// orders only for the user named by their `sub`.
+    #[arg(long, env = "AUTH_ADMIN_SCOPE", default_value = "orders:admin")]
+    pub auth_admin_scope: String,
+
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurity,
 
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -93,7 +93,9 @@ impl TryFrom<CreateOrderRequest> for NewOrder {
         for (i, item) in req.items.into_iter().take(MAX_ITEMS).enumerate() {
             if let Some(item) = validate_item(i, item, &mut violations) {
                 total = total.and_then(|t| {
-                    i64::from(item.quantity).checked_mul(item.unit_price_minor).and_then(|l| t.checked_add(l))
+                    i64::from(item.quantity)
+                        .checked_mul(item.unit_price_minor)
+                        .and_then(|l| t.checked_add(l))
                 });
                 items.push(item);
             }

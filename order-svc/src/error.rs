@@ -17,6 +17,12 @@ pub enum Error {
     /// The broker did not acknowledge the event in time, or refused it.
     #[error("the order was not accepted: {0}")]
     Publish(#[from] crate::publisher::PublishError),
+    /// No valid bearer token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token may not create this order.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Too many calls in flight.
     #[error("too many CreateOrder calls in flight ({0}); retry with backoff")]
     Overloaded(usize),
@@ -72,6 +78,8 @@ impl From<Error> for Status {
                 crate::publisher::Kind::Rejected => Status::internal(message),
             },
             Error::Overloaded(_) => Status::resource_exhausted(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Config(_)
             | Error::KafkaCheck(_)
             | Error::KafkaClient(_)

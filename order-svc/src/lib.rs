@@ -2,6 +2,7 @@
 //! and the tests drive the same `Application` in-process.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;

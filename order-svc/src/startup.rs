@@ -21,10 +21,12 @@ use rdkafka::producer::Producer;
 use service_kit::{kafka, ops};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::OrderApi,
+    auth::Authenticator,
     config::Config,
     error::Error,
     idempotency::Answers,
@@ -48,6 +50,8 @@ pub struct Application {
     publisher: Arc<Publisher>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    tls: Option<ServerTlsConfig>,
+    auth: Option<Authenticator>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -65,15 +69,19 @@ impl Application {
         if config.ce_source.trim().is_empty() {
             return Err(Error::Config("CE_SOURCE must not be empty".into()));
         }
+        config.kafka_security.validate().map_err(Error::Config)?;
+        let tls = tls_config(&config)?;
+        let auth = Authenticator::from_config(&config)?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let defaults = producer_defaults(config.publish_timeout);
-        let client_config = kafka::client_config(
+        let mut client_config = kafka::client_config(
             &config.kafka_brokers,
             kafka::Role::Producer,
             defaults,
             &config.kafka_options,
         );
+        config.kafka_security.apply(&mut client_config);
         let publisher = Arc::new(Publisher::new(
             client_config,
             config.orders_topic.clone(),
@@ -106,6 +114,8 @@ impl Application {
             publisher,
             metrics,
             registry: Arc::new(registry),
+            tls,
+            auth,
         })
     }
 
@@ -130,6 +140,8 @@ impl Application {
             publisher,
             metrics,
             registry,
+            tls,
+            auth,
         } = self;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let ready = Arc::new(AtomicBool::new(true));
@@ -170,7 +182,8 @@ impl Application {
             metrics.clone(),
             config.ce_source.clone(),
             max_in_flight,
-        );
+        )
+        .with_auth(auth);
         let max_message = usize::try_from(config.grpc_max_message_bytes).unwrap_or(usize::MAX);
         let orders = OrderServiceServer::new(api).max_decoding_message_size(max_message);
 
@@ -190,7 +203,11 @@ impl Application {
         };
         tracing::info!(grpc_addr = %grpc_listener.local_addr().map_err(io("GRPC_ADDR"))?, metrics_addr = %config.metrics_addr, "order-svc serving");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .timeout(config.grpc_request_timeout)
             .layer(GrpcMetricsLayer::new(metrics))
             .add_service(health_service)
@@ -220,6 +237,30 @@ impl Application {
         tracing::info!("order-svc stopped");
         served
     }
+}
+
+/// The gRPC server's TLS settings, if GRPC_TLS_CERT and GRPC_TLS_KEY are set;
+/// with GRPC_TLS_CLIENT_CA, clients must present a certificate it signed.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))
+    };
+    let (Some(cert), Some(key)) = (&config.grpc_tls_cert, &config.grpc_tls_key) else {
+        if config.grpc_tls_client_ca.is_some() {
+            return Err(Error::Config(
+                "GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("GRPC_TLS_CERT", cert)?,
+        read("GRPC_TLS_KEY", key)?,
+    ));
+    if let Some(ca) = &config.grpc_tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("GRPC_TLS_CLIENT_CA", ca)?));
+    }
+    Ok(Some(tls))
 }
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {

@@ -251,3 +251,75 @@ mod tests {
         assert!(shown.contains("sasl.username=u"), "{shown}");
     }
 }
+
+/// How the services authenticate to the brokers and encrypt the connection.
+/// Each setting is a flag and an environment variable; the password is never
+/// printed. (Anything else librdkafka supports goes in `KAFKA_OPTIONS`.)
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KafkaSecurity {
+    /// librdkafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"])]
+    pub kafka_security_protocol: Option<String>,
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// SASL user name.
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// SASL password (never logged or echoed).
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<crate::secret::Secret>,
+    /// CA certificate file (PEM) that signed the brokers' certificates.
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<std::path::PathBuf>,
+}
+
+impl KafkaSecurity {
+    /// Checks that the settings fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        let sasl = matches!(
+            self.kafka_security_protocol.as_deref(),
+            Some("sasl_plaintext" | "sasl_ssl")
+        );
+        if sasl
+            && (self.kafka_sasl_mechanism.is_none()
+                || self.kafka_sasl_username.is_none()
+                || self.kafka_sasl_password.is_none())
+        {
+            return Err(
+                "KAFKA_SECURITY_PROTOCOL=sasl_* needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and \
+                        KAFKA_SASL_PASSWORD"
+                    .into(),
+            );
+        }
+        if !sasl && (self.kafka_sasl_mechanism.is_some() || self.kafka_sasl_username.is_some()) {
+            return Err("KAFKA_SASL_* settings need KAFKA_SECURITY_PROTOCOL=sasl_plaintext or sasl_ssl".into());
+        }
+        if let Some(ca) = &self.kafka_ssl_ca_location
+            && !ca.is_file()
+        {
+            return Err(format!("KAFKA_SSL_CA_LOCATION {} is not a readable file", ca.display()));
+        }
+        Ok(())
+    }
+
+    /// Sets the security properties on `config`. Call it last: a property
+    /// set here and in `KAFKA_OPTIONS` takes the value set here.
+    pub fn apply(&self, config: &mut ClientConfig) {
+        if let Some(p) = &self.kafka_security_protocol {
+            config.set("security.protocol", p);
+        }
+        if let Some(m) = &self.kafka_sasl_mechanism {
+            config.set("sasl.mechanism", m);
+        }
+        if let Some(u) = &self.kafka_sasl_username {
+            config.set("sasl.username", u);
+        }
+        if let Some(p) = &self.kafka_sasl_password {
+            config.set("sasl.password", p.expose());
+        }
+        if let Some(ca) = &self.kafka_ssl_ca_location {
+            config.set("ssl.ca.location", ca.to_string_lossy());
+        }
+    }
+}

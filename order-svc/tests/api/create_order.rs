@@ -1,0 +1,195 @@
+//! CreateOrder answers after the broker has the event: the record on the
+//! topic is the order, keyed by its id, with CloudEvents and trace headers.
+
+use std::time::Duration;
+
+use orders_contract::{envelope, v1::OrderCreated};
+use prost::Message as _;
+use rdkafka::Message as _;
+use testkit::header;
+
+use crate::helpers::{spawn_app, valid_request};
+
+#[tokio::test]
+async fn an_order_is_on_the_topic_when_create_order_answers() {
+    let app = spawn_app().await;
+    let order = app
+        .client()
+        .await
+        .create_order(valid_request("user-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+
+    assert_eq!(order.user_id, "user-1");
+    assert_eq!(order.total_minor, 2 * 1999 + 500);
+    assert_eq!(order.currency, "EUR");
+    assert_eq!(order.items.len(), 2);
+    assert!(order.created_at.is_some());
+    let id = uuid::Uuid::parse_str(&order.order_id).expect("order id is a UUID");
+    assert_eq!(id.get_version_num(), 7, "time-ordered ids without a request_id");
+
+    // Already acknowledged by the broker: readable at once.
+    let records = app
+        .broker
+        .read_all(&app.topic, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(record.key(), Some(order.order_id.as_bytes()), "keyed by order id");
+    let event = OrderCreated::decode(record.payload().unwrap()).unwrap();
+    assert_eq!(event.order.as_ref(), Some(&order));
+    assert_eq!(event.occurred_at, order.created_at);
+    assert_eq!(header(record, "ce_specversion").as_deref(), Some("1.0"));
+    assert_eq!(header(record, "ce_id"), Some(event.event_id.clone()));
+    assert_eq!(header(record, "ce_type").as_deref(), Some(envelope::ORDER_CREATED_TYPE));
+    assert_eq!(header(record, "ce_source").as_deref(), Some("/order-svc"));
+    assert_eq!(header(record, "content-type").as_deref(), Some("application/protobuf"));
+    let ce_time = header(record, "ce_time").unwrap();
+    time::OffsetDateTime::parse(&ce_time, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
+    let traceparent = header(record, "traceparent").expect("a trace is started for every call");
+    assert_eq!(traceparent.len(), 55, "{traceparent}");
+}
+
+#[tokio::test]
+async fn every_order_and_event_gets_its_own_id() {
+    let app = spawn_app().await;
+    let mut client = app.client().await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let order = client
+            .create_order(valid_request("user-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        assert!(ids.insert(order.order_id));
+    }
+    let records = app
+        .broker
+        .read_all(&app.topic, 20, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let events: std::collections::HashSet<_> = records
+        .iter()
+        .map(|r| OrderCreated::decode(r.payload().unwrap()).unwrap().event_id)
+        .collect();
+    assert_eq!(events.len(), 20, "unique event ids");
+    assert!(events.is_disjoint(&ids));
+}
+
+#[tokio::test]
+async fn a_retried_request_id_gives_the_same_order_and_event() {
+    let app = spawn_app().await;
+    let mut client = app.client().await;
+    let mut request = valid_request("user-7");
+    request.request_id = "checkout-42".into();
+    let first = client
+        .create_order(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    let second = client
+        .create_order(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(first, second, "the same answer, created_at included");
+    assert_eq!(first.request_id, "checkout-42");
+    assert_eq!(uuid::Uuid::parse_str(&first.order_id).unwrap().get_version_num(), 5);
+
+    // Another user may use the same key for their own order.
+    let mut other = request.clone();
+    other.user_id = "user-8".into();
+    let theirs = client.create_order(other).await.unwrap().into_inner().order.unwrap();
+    assert_ne!(theirs.order_id, first.order_id);
+
+    // The same key with another payload is refused, naming the field.
+    let mut changed = request.clone();
+    changed.items[0].quantity = 3;
+    let status = client.create_order(changed).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("request_id"), "{}", status.message());
+
+    // A restarted instance (no memory of the first answer) derives the same ids.
+    let records = app
+        .broker
+        .read_all(&app.topic, 2, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ours: Vec<_> = records
+        .iter()
+        .map(|r| OrderCreated::decode(r.payload().unwrap()).unwrap())
+        .filter(|e| e.order.as_ref().unwrap().order_id == first.order_id)
+        .collect();
+    assert_eq!(ours.len(), 1, "a replayed answer publishes nothing more");
+}
+
+#[tokio::test]
+async fn ids_derived_from_a_request_id_survive_a_restart() {
+    let mut request = valid_request("user-9");
+    request.request_id = "retry-me".into();
+    let mut first_app = spawn_app().await;
+    let first = first_app
+        .client()
+        .await
+        .create_order(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    first_app.stop().await.unwrap();
+    let second_app = spawn_app().await;
+    let second = second_app
+        .client()
+        .await
+        .create_order(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(first.order_id, second.order_id);
+    assert_eq!(first_event_id(&first_app).await, first_event_id(&second_app).await);
+}
+
+async fn first_event_id(app: &crate::helpers::TestApp) -> String {
+    let records = app
+        .broker
+        .read_all(&app.topic, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    OrderCreated::decode(records[0].payload().unwrap()).unwrap().event_id
+}
+
+#[tokio::test]
+async fn an_incoming_traceparent_is_continued_into_the_record() {
+    let app = spawn_app().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(valid_request("user-1"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    app.client().await.create_order(request).await.unwrap();
+    let records = app
+        .broker
+        .read_all(&app.topic, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let traceparent = header(&records[0], "traceparent").unwrap();
+    assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "a child span of the caller's, not the caller's own"
+    );
+}

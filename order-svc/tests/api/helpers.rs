@@ -1,0 +1,118 @@
+//! `spawn_app()`: a broker, a unique topic, order-svc bound to port 0, and a
+//! client for it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use order_svc::{config::Config, error::Error, startup::Application};
+use orders_contract::v1::{CreateOrderRequest, LineItem, order_service_client::OrderServiceClient};
+use testkit::{Broker, TANSU_CLIENT_OPTIONS, unique};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub(crate) struct TestApp {
+    pub(crate) broker: Broker,
+    pub(crate) topic: String,
+    pub(crate) grpc_addr: SocketAddr,
+    pub(crate) ops_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), Error>>>,
+}
+
+pub(crate) async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Like [`spawn_app`], with the configuration adjusted by `customize`.
+pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+    service_kit::telemetry::init_for_tests("order-svc-tests");
+    let broker = Broker::start().await.expect("broker starts");
+    let topic = unique("orders");
+    broker.create_topic(&topic, 3).await.expect("topic created");
+    let mut config = Config::for_tests(&broker.addr(), &topic);
+    config.kafka_options = TANSU_CLIENT_OPTIONS.parse().unwrap();
+    config.publish_timeout = Duration::from_secs(3);
+    customize(&mut config);
+    let app = Application::build(config).await.expect("order-svc builds");
+    let (grpc_addr, ops_addr) = (app.grpc_addr(), app.ops_addr());
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        broker,
+        topic,
+        grpc_addr,
+        ops_addr,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+impl TestApp {
+    pub(crate) async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("client connects")
+    }
+
+    pub(crate) async fn client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(self.channel().await)
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.ops_addr))
+            .await
+            .expect("ops server answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    pub(crate) async fn metrics(&self) -> String {
+        self.get("/metrics").await.1
+    }
+
+    /// Shuts the app down as a signal would, and returns how it ended.
+    pub(crate) async fn stop(&mut self) -> Result<(), Error> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(handle) => tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .expect("order-svc stops within 20 s")
+                .expect("order-svc task did not panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn valid_request(user: &str) -> CreateOrderRequest {
+    CreateOrderRequest {
+        user_id: user.into(),
+        currency: "EUR".into(),
+        items: vec![
+            LineItem {
+                sku: "SKU-1".into(),
+                quantity: 2,
+                unit_price_minor: 1999,
+            },
+            LineItem {
+                sku: "SKU-2".into(),
+                quantity: 1,
+                unit_price_minor: 500,
+            },
+        ],
+        request_id: String::new(),
+    }
+}
+
+/// The value of the sample `series` (name and labels as printed) in a
+/// Prometheus text exposition.
+pub(crate) fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}

@@ -21,7 +21,7 @@ struct Cli {
 enum Cmd {
     /// Start a broker (unless --brokers) and the services, measure
     /// everything, print the results table.
-    All(AllArgs),
+    All(Box<AllArgs>),
     /// Drive one OrderService endpoint, closed loop (--concurrency) or open
     /// loop (--rate).
     Loadgen(LoadArgs),
@@ -90,6 +90,19 @@ struct AllArgs {
     /// Also write the report (Markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run only the pre-fill, the raw drain and the notify-svc catch-up.
+    #[arg(long)]
+    catchup_only: bool,
+    /// KEY=VALUE environment for the catch-up notify-svc (tuning
+    /// experiments, e.g. RUST_LOG=warn or DEDUP_CACHE_SIZE=10000); repeatable.
+    #[arg(long, value_parser = parse_env)]
+    notify_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +154,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::All(a) => {
+            let a = *a;
             let q = a.quick;
             let pick = |v: Option<Duration>, full: u64, quick: u64| {
                 v.unwrap_or(Duration::from_secs(if q { quick } else { full }))
@@ -163,6 +177,8 @@ async fn main() -> anyhow::Result<()> {
                 order_svc_bin: a.order_svc_bin.unwrap_or_else(|| procs::sibling_binary("order-svc")),
                 notify_svc_bin: a.notify_svc_bin.unwrap_or_else(|| procs::sibling_binary("notify-svc")),
                 out: a.out,
+                catchup_only: a.catchup_only,
+                notify_env: a.notify_env,
             })
             .await
         }

@@ -57,6 +57,10 @@ pub struct Settings {
     pub notify_svc_bin: PathBuf,
     /// Also write the report here.
     pub out: Option<PathBuf>,
+    /// Only the pre-fill, raw drain and notify-svc catch-up (for tuning).
+    pub catchup_only: bool,
+    /// Extra environment for the catch-up notify-svc (for tuning experiments).
+    pub notify_env: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -189,72 +193,13 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let order_idle = procs::rss_mib(order_pid);
     let watched = |svc: u32| vec![("broker", broker_pid), ("svc", svc), ("bench", std::process::id())];
 
-    // Closed loop: every target at every concurrency, interleaved so each
-    // sees the same machine state.
-    for &c in &s.concurrency {
-        for (label, url, pid) in [
-            (BARE, &bare_url, bare.pid()),
-            (BARE_KAFKA, &bare_kafka_url, bare_kafka.pid()),
-            (ORDER_SVC, &order_url, order_pid),
-        ] {
-            let spec = LoadSpec {
-                target: url.clone(),
-                connections: s.connections.min(c).max(1),
-                concurrency: c,
-                rate: None,
-                duration: s.duration,
-                warmup: s.warmup,
-                track_orders: false,
-            };
-            let cpu = CpuWindow::start(&watched(pid));
-            let result = loadgen::run(&spec).await?;
-            let cpu = cpu.finish();
-            let row = Row {
-                what: label.to_owned(),
-                concurrency: format!("{c} over {} conn", spec.connections),
-                rate: result.rate(),
-                unit: "calls/s",
-                latency: Percentiles::of(&result.latency),
-                errors: result.errors,
-                cpu,
-            };
-            eprintln!(
-                "bench: {label} C={c}: {:.0} calls/s, {}, errors {} [{}]",
-                row.rate, row.latency, row.errors, row.cpu
-            );
-            if let Some(e) = &result.first_error {
-                note(&mut r, format!("{label} C={c}: first error: {e}"));
-            }
-            r.rates.insert((label, c), row.rate);
-            r.p50.insert((label, c), row.latency.p50);
-            r.rows.push(row);
-        }
-        let cpu = CpuWindow::start(&watched(0));
-        let result = raw::produce_closed_loop(&brokers, &raw_topic, &s.kafka_options, c, s.warmup, s.duration).await?;
-        let row = Row {
-            what: RAW_PRODUCE.to_owned(),
-            concurrency: c.to_string(),
-            rate: result.ok as f64 / result.elapsed.as_secs_f64(),
-            unit: "msgs/s",
-            latency: Percentiles::of(&result.latency),
-            errors: result.errors,
-            cpu: cpu.finish(),
-        };
-        eprintln!(
-            "bench: {RAW_PRODUCE} C={c}: {:.0} msgs/s, {}, errors {} [{}]",
-            row.rate, row.latency, row.errors, row.cpu
-        );
-        r.rates.insert((RAW_PRODUCE, c), row.rate);
-        r.rows.push(row);
-    }
-    let bare_peaks = (procs::peak_rss_mib(bare.pid()), procs::peak_rss_mib(bare_kafka.pid()));
-    bare.stop(Duration::from_secs(2)).await;
-    bare_kafka.stop(Duration::from_secs(2)).await;
-
-    // End to end at a fixed rate: order-svc -> broker -> notify-svc.
+    // End to end at a fixed rate first, while the broker is nearly empty:
+    // Tansu's in-memory storage gets slower to fetch from as it fills up
+    // (BENCHMARKS.md), and the closed-loop runs below write millions of records.
+    // order-svc -> broker -> notify-svc.
     let mut notify_idle = None;
     let mut notify_peak = None;
-    if s.order_svc_url.is_none() {
+    if !s.catchup_only && s.order_svc_url.is_none() {
         let metrics_port = procs::free_port()?;
         let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
         let log = dir.join("notify-svc.log");
@@ -265,9 +210,9 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             &brokers,
             &orders,
             &format!("bench-{run_id}-notify"),
-            &format!("{opts},auto.offset.reset=latest"),
             metrics_port,
             &log,
+            &[("KAFKA_OPTIONS".into(), format!("{opts},auto.offset.reset=latest"))],
         )?;
         wait_ready(&http, &metrics_url, Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -364,7 +309,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         r.e2e_service_hist_p99 = hist_p99;
         notify_peak = procs::peak_rss_mib(notify.pid());
         notify.stop(Duration::from_secs(5)).await;
-    } else {
+    } else if !s.catchup_only {
         note(
             &mut r,
             "order-svc given by URL: service end to end not measured (needs the notify-svc log)".into(),
@@ -372,23 +317,92 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     }
 
     // Raw end to end at the same rate.
-    let cpu = CpuWindow::start(&watched(0));
-    let raw_e2e = raw::end_to_end(&brokers, &e2e_topic, &s.kafka_options, s.rate, s.warmup, s.e2e_duration).await?;
-    let raw_pct = Percentiles::of(&raw_e2e.latency);
-    eprintln!(
-        "bench: raw end to end at {}/s: {raw_pct}, {} of {} received",
-        s.rate, raw_e2e.received, raw_e2e.sent
-    );
-    r.rows.push(Row {
-        what: format!("raw producer -> consumer at {}/s", s.rate),
-        concurrency: "open".into(),
-        rate: raw_e2e.received as f64 / s.e2e_duration.as_secs_f64(),
-        unit: "msgs/s",
-        latency: raw_pct,
-        errors: raw_e2e.sent.saturating_sub(raw_e2e.received),
-        cpu: cpu.finish(),
-    });
-    r.e2e_raw = Some(raw_pct);
+    if !s.catchup_only {
+        let cpu = CpuWindow::start(&watched(0));
+        let raw_e2e = raw::end_to_end(&brokers, &e2e_topic, &s.kafka_options, s.rate, s.warmup, s.e2e_duration).await?;
+        let raw_pct = Percentiles::of(&raw_e2e.latency);
+        eprintln!(
+            "bench: raw end to end at {}/s: {raw_pct}, {} of {} received",
+            s.rate, raw_e2e.received, raw_e2e.sent
+        );
+        r.rows.push(Row {
+            what: format!("raw producer -> consumer at {}/s", s.rate),
+            concurrency: "open".into(),
+            rate: raw_e2e.received as f64 / s.e2e_duration.as_secs_f64(),
+            unit: "msgs/s",
+            latency: raw_pct,
+            errors: raw_e2e.sent.saturating_sub(raw_e2e.received),
+            cpu: cpu.finish(),
+        });
+        r.e2e_raw = Some(raw_pct);
+    }
+
+    // Closed loop: every target at every concurrency, interleaved so each
+    // sees the same machine state.
+    let concurrency = if s.catchup_only {
+        Vec::new()
+    } else {
+        s.concurrency.clone()
+    };
+    for &c in &concurrency {
+        for (label, url, pid) in [
+            (BARE, &bare_url, bare.pid()),
+            (BARE_KAFKA, &bare_kafka_url, bare_kafka.pid()),
+            (ORDER_SVC, &order_url, order_pid),
+        ] {
+            let spec = LoadSpec {
+                target: url.clone(),
+                connections: s.connections.min(c).max(1),
+                concurrency: c,
+                rate: None,
+                duration: s.duration,
+                warmup: s.warmup,
+                track_orders: false,
+            };
+            let cpu = CpuWindow::start(&watched(pid));
+            let result = loadgen::run(&spec).await?;
+            let cpu = cpu.finish();
+            let row = Row {
+                what: label.to_owned(),
+                concurrency: format!("{c} over {} conn", spec.connections),
+                rate: result.rate(),
+                unit: "calls/s",
+                latency: Percentiles::of(&result.latency),
+                errors: result.errors,
+                cpu,
+            };
+            eprintln!(
+                "bench: {label} C={c}: {:.0} calls/s, {}, errors {} [{}]",
+                row.rate, row.latency, row.errors, row.cpu
+            );
+            if let Some(e) = &result.first_error {
+                note(&mut r, format!("{label} C={c}: first error: {e}"));
+            }
+            r.rates.insert((label, c), row.rate);
+            r.p50.insert((label, c), row.latency.p50);
+            r.rows.push(row);
+        }
+        let cpu = CpuWindow::start(&watched(0));
+        let result = raw::produce_closed_loop(&brokers, &raw_topic, &s.kafka_options, c, s.warmup, s.duration).await?;
+        let row = Row {
+            what: RAW_PRODUCE.to_owned(),
+            concurrency: c.to_string(),
+            rate: result.ok as f64 / result.elapsed.as_secs_f64(),
+            unit: "msgs/s",
+            latency: Percentiles::of(&result.latency),
+            errors: result.errors,
+            cpu: cpu.finish(),
+        };
+        eprintln!(
+            "bench: {RAW_PRODUCE} C={c}: {:.0} msgs/s, {}, errors {} [{}]",
+            row.rate, row.latency, row.errors, row.cpu
+        );
+        r.rates.insert((RAW_PRODUCE, c), row.rate);
+        r.rows.push(row);
+    }
+    let bare_peaks = (procs::peak_rss_mib(bare.pid()), procs::peak_rss_mib(bare_kafka.pid()));
+    bare.stop(Duration::from_secs(2)).await;
+    bare_kafka.stop(Duration::from_secs(2)).await;
 
     // Catch-up: pre-fill, raw drain (ceiling 4), then notify-svc.
     eprintln!("bench: pre-filling {catchup} with {} records", s.catchup_count);
@@ -437,9 +451,12 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         &brokers,
         &catchup,
         &format!("bench-{run_id}-catchup"),
-        &opts,
         metrics_port,
         &dir.join("notify-svc-catchup.log"),
+        &[("KAFKA_OPTIONS".into(), opts.clone())]
+            .into_iter()
+            .chain(s.notify_env.iter().cloned())
+            .collect::<Vec<_>>(),
     )?;
     let cpu = CpuWindow::start(&[("broker", broker_pid), ("notify-svc", notify.pid())]);
     let spawned = Instant::now();
@@ -528,9 +545,9 @@ fn spawn_notify(
     brokers: &str,
     topic: &str,
     group: &str,
-    options: &str,
     metrics_port: u16,
     log: &std::path::Path,
+    extra_env: &[(String, String)],
 ) -> anyhow::Result<Proc> {
     let mut command = Command::new(&s.notify_svc_bin);
     command
@@ -539,10 +556,10 @@ fn spawn_notify(
         .env("KAFKA_GROUP_ID", group)
         .env("DLQ_TOPIC", format!("{topic}.dlq"))
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("KAFKA_OPTIONS", options)
         .env("RUST_LOG", "info")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("NOTIFY_WEBHOOK_URL")
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
         .stdout(std::fs::File::create(log)?)
         .stderr(Stdio::inherit());
     Proc::spawn("notify-svc", command)

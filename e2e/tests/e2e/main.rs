@@ -1,1 +1,15 @@
-//! End-to-end tests (filled in below).
+//! End-to-end tests: the real `order-svc` and `notify-svc` binaries against a
+//! real Tansu broker (sqlite storage), one broker and unique topics and groups
+//! per test, driven the way a user drives them: a generated gRPC client, the
+//! services' output, the records on the topic, a webhook receiver.
+//!
+//! Build the binaries first: `cargo build --workspace --bins && cargo test -p e2e`.
+//! `TEST_LOG=1` echoes the services' output.
+
+mod configuration;
+mod faults;
+mod flow;
+mod helpers;
+mod idempotency;
+mod outage;
+mod shutdown;

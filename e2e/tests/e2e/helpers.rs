@@ -78,12 +78,12 @@ impl OrderSvc {
 
 /// The environment of a notify-svc on `brokers`, consuming `topic` in `group`
 /// (dead letters to `topic.dlq`), plus `extra`.
-pub(crate) fn notify_env(
+pub(crate) fn notify_env<'a>(
     brokers: &str,
     topic: &str,
     group: &str,
-    extra: &[(&str, String)],
-) -> Vec<(&'static str, String)> {
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
     let mut env = vec![
         ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
         ("KAFKA_BROKERS", brokers.to_owned()),
@@ -92,17 +92,12 @@ pub(crate) fn notify_env(
         ("KAFKA_GROUP_ID", group.to_owned()),
         ("KAFKA_OPTIONS", TANSU_CLIENT_OPTIONS.to_owned()),
     ];
-    env.extend(extra.iter().map(|(k, v)| (leak(k), v.clone())));
+    env.extend(extra.iter().cloned());
     env
 }
 
-fn leak(s: &str) -> &'static str {
-    // A handful of short variable names per test run; simpler than lifetimes.
-    Box::leak(s.to_owned().into_boxed_str())
-}
-
 /// Starts notify-svc with `env` and waits until it consumes.
-pub(crate) async fn start_notify(env: &[(&'static str, String)]) -> Service {
+pub(crate) async fn start_notify(env: &[(&str, String)]) -> Service {
     let service = Service::spawn("notify-svc", env).expect("notify-svc starts");
     service.wait_for_line(&["notify-svc consuming"], START_TIMEOUT).await;
     service

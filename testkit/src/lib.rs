@@ -100,6 +100,7 @@ pub struct Broker {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    authentication: bool,
 }
 
 impl Broker {
@@ -110,8 +111,41 @@ impl Broker {
             port: free_port(),
             dir,
             child: None,
+            authentication: false,
         };
         broker.spawn().await?;
+        Ok(broker)
+    }
+
+    /// Starts a broker that requires SASL/SCRAM-SHA-512 as `user` with
+    /// `password`, with `topics` (name, partitions) created. (Users and topics
+    /// are set up before authentication is switched on: Tansu's own CLI does
+    /// not authenticate.)
+    pub async fn start_with_sasl(user: &str, password: &str, topics: &[(&str, i32)]) -> anyhow::Result<Self> {
+        let mut broker = Broker::start().await?;
+        let url = format!("tcp://{}", broker.addr());
+        let created = Command::new(tansu_bin()?)
+            .args(["user", "create", user, password, "--broker", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !created.success() {
+            bail!("tansu user create failed: {created}");
+        }
+        for (topic, partitions) in topics {
+            broker.create_topic(topic, *partitions).await?;
+        }
+        broker.stop();
+        broker.authentication = true;
+        broker.spawn_process()?;
+        // Metadata without credentials is refused now: wait for the port only.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", broker.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("secured tansu did not open its port");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(broker)
     }
 
@@ -125,7 +159,7 @@ impl Broker {
         self.dir.path()
     }
 
-    async fn spawn(&mut self) -> anyhow::Result<()> {
+    fn spawn_process(&mut self) -> anyhow::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -134,6 +168,7 @@ impl Broker {
         let child = Command::new(tansu_bin()?)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(self.authentication.then_some("--authentication"))
             // Tansu resolves the sqlite path against its working directory.
             .current_dir(self.dir.path())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -147,6 +182,11 @@ impl Broker {
             .spawn()
             .context("cannot start tansu")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        self.spawn_process()?;
         let addr = self.addr();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

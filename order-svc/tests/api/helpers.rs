@@ -9,6 +9,7 @@ use testkit::{Broker, TANSU_CLIENT_OPTIONS, unique};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
+#[derive(Debug)]
 pub(crate) struct TestApp {
     pub(crate) broker: Broker,
     pub(crate) topic: String,
@@ -24,28 +25,37 @@ pub(crate) async fn spawn_app() -> TestApp {
 
 /// Like [`spawn_app`], with the configuration adjusted by `customize`.
 pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
-    service_kit::telemetry::init_for_tests("order-svc-tests");
     let broker = Broker::start().await.expect("broker starts");
     let topic = unique("orders");
     broker.create_topic(&topic, 3).await.expect("topic created");
+    spawn_app_on(broker, topic, customize).await.expect("order-svc builds")
+}
+
+/// order-svc against `broker`'s existing `topic`; Err if it does not build.
+pub(crate) async fn spawn_app_on(
+    broker: Broker,
+    topic: String,
+    customize: impl FnOnce(&mut Config),
+) -> Result<TestApp, Error> {
+    service_kit::telemetry::init_for_tests("order-svc-tests");
     let mut config = Config::for_tests(&broker.addr(), &topic);
     config.kafka_options = TANSU_CLIENT_OPTIONS.parse().unwrap();
     config.publish_timeout = Duration::from_secs(3);
     customize(&mut config);
-    let app = Application::build(config).await.expect("order-svc builds");
+    let app = Application::build(config).await?;
     let (grpc_addr, ops_addr) = (app.grpc_addr(), app.ops_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
-    TestApp {
+    Ok(TestApp {
         broker,
         topic,
         grpc_addr,
         ops_addr,
         shutdown: Some(tx),
         handle: Some(handle),
-    }
+    })
 }
 
 impl TestApp {

@@ -9,7 +9,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, Extend
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{TestApp, spawn_app_with, valid_request};
+use crate::helpers::{TestApp, spawn_app_on, spawn_app_with, valid_request};
 
 const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
 
@@ -314,4 +314,52 @@ async fn calls_over_the_concurrency_limit_are_shed() {
     .await;
     assert!(shed.message().contains("in flight"), "{}", shed.message());
     assert_eq!(holding.await.unwrap().unwrap_err().code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn kafka_sasl_scram_authenticates_and_the_password_never_shows() {
+    let topic = testkit::unique("orders");
+    let broker = testkit::Broker::start_with_sasl("order-svc", "s3cret-pw-42", &[(topic.as_str(), 1)])
+        .await
+        .unwrap();
+    let sasl = |password: &str| {
+        let password = password.to_owned();
+        move |c: &mut order_svc::config::Config| {
+            c.kafka_startup_timeout = Duration::from_secs(3);
+            c.kafka_security.kafka_security_protocol = Some("sasl_plaintext".into());
+            c.kafka_security.kafka_sasl_mechanism = Some("SCRAM-SHA-512".into());
+            c.kafka_security.kafka_sasl_username = Some("order-svc".into());
+            c.kafka_security.kafka_sasl_password = Some(password.parse().unwrap());
+        }
+    };
+    let refused = spawn_app_on(testkit::Broker::start().await.unwrap(), topic.clone(), |c| {
+        c.kafka_security.kafka_security_protocol = Some("sasl_plaintext".into());
+    })
+    .await
+    .expect_err("sasl without credentials is a configuration error");
+    assert!(refused.to_string().contains("KAFKA_SASL_MECHANISM"), "{refused}");
+
+    let app = spawn_app_on(broker, topic.clone(), sasl("s3cret-pw-42"))
+        .await
+        .expect("authenticated start");
+    app.client()
+        .await
+        .create_order(valid_request("user-1"))
+        .await
+        .expect("published over SASL");
+    let debug = format!("{:?}", {
+        let mut c = order_svc::config::Config::for_tests("b", "t");
+        sasl("s3cret-pw-42")(&mut c);
+        c
+    });
+    assert!(
+        !debug.contains("s3cret-pw-42"),
+        "the password is redacted in Debug output"
+    );
+
+    let broker = app.broker;
+    let wrong = spawn_app_on(broker, topic, sasl("wrong-password"))
+        .await
+        .expect_err("wrong password: no start");
+    assert!(!wrong.to_string().contains("wrong-password"), "{wrong}");
 }

@@ -5,7 +5,7 @@
 //! offsets) and on shutdown.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -23,6 +23,7 @@ use rdkafka::{
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 use crate::{
     metrics::{Metrics, PartitionLabels},
@@ -57,13 +58,137 @@ type Key = (String, i32);
 
 #[derive(Debug)]
 struct Worker {
-    tx: mpsc::Sender<OwnedMessage>,
+    tx: mpsc::UnboundedSender<OwnedMessage>,
+    flow: Arc<Flow>,
     /// Cancelled on revoke or shutdown: finish the record in hand, then stop.
     stop: CancellationToken,
     /// Cancelled on revoke only: the partition is someone else's now, so
     /// offsets must not be stored for it.
     revoked: CancellationToken,
+    /// Cancelled when the worker's task has ended (returned or aborted).
+    done: CancellationToken,
 }
+
+/// The workers of the assigned partitions, and the `done` signals of revoked
+/// workers that may still be finishing a record: a new worker for the same
+/// partition (an eager rebalance revokes everything and often hands the same
+/// partitions back) waits for its predecessor, so one partition is never
+/// handled by two tasks at once.
+#[derive(Debug, Default)]
+struct Workers {
+    active: HashMap<Key, Worker>,
+    retiring: HashMap<Key, CancellationToken>,
+}
+
+impl Workers {
+    fn retire(&mut self, key: &Key) {
+        if let Some(worker) = self.active.remove(key) {
+            worker.revoked.cancel();
+            worker.stop.cancel();
+            self.retiring.insert(key.clone(), worker.done);
+        }
+    }
+}
+
+/// Back-pressure of one partition: records wait in an unbounded channel, and
+/// the partition is paused in the client when `high` records wait and resumed
+/// when its worker has brought them down to `low`. A slow partition thus
+/// stops its own fetching without ever blocking the fetch loop, which keeps
+/// serving the other partitions.
+#[derive(Debug)]
+struct Flow {
+    topic: String,
+    partition: i32,
+    high: usize,
+    low: usize,
+    /// (records waiting, paused). The client's pause and resume calls are
+    /// made under this lock so they cannot cross.
+    state: Mutex<(usize, bool)>,
+}
+
+impl Flow {
+    fn new(topic: &str, partition: i32, buffer: usize) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            partition,
+            high: buffer.max(1),
+            low: buffer / 2,
+            state: Mutex::new((0, false)),
+        }
+    }
+
+    fn tpl(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        tpl
+    }
+
+    /// A record was queued for the worker.
+    fn queued<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 += 1;
+        if state.0 >= self.high && !state.1 {
+            match consumer.pause(&self.tpl()) {
+                Ok(()) => {
+                    state.1 = true;
+                    tracing::info!(topic = %self.topic, partition = self.partition, waiting = state.0, "partition paused: its worker is behind");
+                }
+                Err(error) => tracing::warn!(%error, partition = self.partition, "cannot pause the partition"),
+            }
+        }
+    }
+
+    /// The worker took a record.
+    fn taken<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = state.0.saturating_sub(1);
+        if state.1 && state.0 <= self.low {
+            match consumer.resume(&self.tpl()) {
+                Ok(()) => {
+                    state.1 = false;
+                    tracing::info!(topic = %self.topic, partition = self.partition, "partition resumed");
+                }
+                Err(error) => tracing::debug!(%error, partition = self.partition, "cannot resume the partition"),
+            }
+        }
+    }
+}
+
+/// Logs a recurring error at most once per interval, counting the rest, so an
+/// outage does not flood the log.
+#[derive(Debug)]
+struct Throttled {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttled {
+    const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Some(number suppressed since the last log line) when this one should be logged.
+    fn check(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
+/// How often the same kind of client error is logged at most.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Whether the consumer has a live broker connection and group membership,
 /// from librdkafka's statistics.
@@ -90,16 +215,20 @@ impl Liveness {
 /// Callbacks librdkafka makes: rebalances, statistics, errors.
 #[derive(Debug)]
 pub struct ConsumerCtx {
-    workers: Arc<Mutex<HashMap<Key, Worker>>>,
+    workers: Arc<Mutex<Workers>>,
+    /// Partitions assigned to this member: the only ones with a lag gauge.
+    assigned: Mutex<HashSet<Key>>,
     metrics: Arc<Metrics>,
     liveness: Arc<Liveness>,
+    errors: Throttled,
 }
 
 impl ClientContext for ConsumerCtx {
     fn stats(&self, stats: Statistics) {
+        let assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if *partition >= 0 && p.consumer_lag >= 0 && assigned.contains(&(topic.clone(), *partition)) {
                     let labels = PartitionLabels {
                         topic: topic.clone(),
                         partition: partition.to_string(),
@@ -108,6 +237,7 @@ impl ClientContext for ConsumerCtx {
                 }
             }
         }
+        drop(assigned);
         let member = stats.cgrp.as_ref().is_some_and(|g| g.state == "up");
         let broker_up = stats.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
         self.liveness.member.store(member, Ordering::Relaxed);
@@ -116,7 +246,9 @@ impl ClientContext for ConsumerCtx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "Kafka client error");
+        if let Some(suppressed) = self.errors.check() {
+            tracing::warn!(%error, reason, suppressed, "Kafka client error; the client keeps reconnecting");
+        }
     }
 }
 
@@ -124,21 +256,35 @@ impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
             for element in tpl.elements() {
-                if let Some(worker) = workers.remove(&(element.topic().to_owned(), element.partition())) {
-                    worker.revoked.cancel();
-                    worker.stop.cancel();
-                }
+                let key = (element.topic().to_owned(), element.partition());
+                workers.retire(&key);
+                assigned.remove(&key);
+                self.metrics.lag.remove(&PartitionLabels {
+                    topic: key.0,
+                    partition: key.1.to_string(),
+                });
             }
-            drop(workers);
+            drop((workers, assigned));
             commit(consumer, "revoke");
             tracing::info!(partitions = %describe(tpl), "partitions revoked");
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+                for element in tpl.elements() {
+                    assigned.insert((element.topic().to_owned(), element.partition()));
+                }
+                drop(assigned);
+                // A partition paused for back-pressure before it was revoked
+                // starts afresh, with a new worker.
+                if let Err(error) = consumer.resume(tpl) {
+                    tracing::debug!(%error, "resume after assignment");
+                }
                 tracing::info!(partitions = %describe(tpl), "partitions assigned")
             }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
@@ -169,7 +315,13 @@ fn describe(tpl: &TopicPartitionList) -> String {
 }
 
 /// Commits the stored offsets synchronously; "nothing to commit" is fine.
+/// Nothing is committed when the assignment was lost (the group moved on
+/// without this member): those offsets are not ours to commit any more.
 fn commit<C: ConsumerContext>(consumer: &impl Consumer<C>, when: &str) {
+    if consumer.assignment_lost() {
+        tracing::warn!(when, "assignment lost; not committing");
+        return;
+    }
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::debug!(when, "offsets committed"),
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -177,10 +329,17 @@ fn commit<C: ConsumerContext>(consumer: &impl Consumer<C>, when: &str) {
     }
 }
 
+/// How long shutdown waits for the final commit and leaving the group (the
+/// broker may be gone: then the group expires the membership by itself).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a fetch error, so that a burst of errors cannot spin the loop.
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// The running consumer.
 pub struct Pipeline {
     consumer: Arc<StreamConsumer<ConsumerCtx>>,
-    workers: Arc<Mutex<HashMap<Key, Worker>>>,
+    workers: Arc<Mutex<Workers>>,
     processor: Arc<Processor>,
     buffer: usize,
 }
@@ -192,7 +351,8 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// Creates the consumer (not yet subscribed).
+    /// Creates the consumer (not yet subscribed). `buffer` records may wait
+    /// per partition before that partition's fetching is paused.
     pub fn new(
         config: &rdkafka::ClientConfig,
         processor: Arc<Processor>,
@@ -200,11 +360,13 @@ impl Pipeline {
         liveness: Arc<Liveness>,
         buffer: usize,
     ) -> KafkaResult<Self> {
-        let workers = Arc::new(Mutex::new(HashMap::new()));
+        let workers = Arc::new(Mutex::new(Workers::default()));
         let context = ConsumerCtx {
             workers: workers.clone(),
+            assigned: Mutex::new(HashSet::new()),
             metrics,
             liveness,
+            errors: Throttled::new(ERROR_LOG_INTERVAL),
         };
         let consumer: StreamConsumer<ConsumerCtx> = config.create_with_context(context)?;
         Ok(Self {
@@ -222,40 +384,47 @@ impl Pipeline {
 
     /// Joins the group on `topic` and handles records until `shutdown` is
     /// cancelled; then finishes records in hand (for at most `grace`), commits
-    /// and leaves the group.
+    /// and leaves the group (for at most [`CLOSE_TIMEOUT`]). A fatal client
+    /// error stops it the same way and is returned.
     pub async fn run(self, topic: &str, shutdown: CancellationToken, grace: Duration) -> KafkaResult<()> {
         self.consumer.subscribe(&[topic])?;
         tracing::info!(topic, "subscribed; joining the group");
         let mut tasks = JoinSet::new();
-        loop {
+        let outcome = loop {
             let message = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break Ok(()),
                 message = self.consumer.recv() => message,
             };
             let message = match message {
                 Ok(m) => m.detach(),
+                Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
+                    tracing::error!(%error, "fatal consumer error; stopping");
+                    break Err(error);
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "fetch failed; the client keeps reconnecting");
-                    continue;
+                    if let Some(suppressed) = self.consumer.context().errors.check() {
+                        tracing::warn!(%error, suppressed, "fetch failed; the client keeps reconnecting");
+                    }
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break Ok(()),
+                        () = tokio::time::sleep(ERROR_PAUSE) => continue,
+                    }
                 }
             };
-            let tx = self.worker_for(&message, &shutdown, &mut tasks);
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                sent = tx.send(message) => {
-                    // A closed channel means the partition was revoked meanwhile;
-                    // the record will be delivered to its new owner.
-                    let _ = sent;
-                }
+            let (tx, flow) = self.worker_for(&message, &shutdown, &mut tasks);
+            // A closed channel means the partition was revoked meanwhile; the
+            // record will be delivered to its new owner.
+            if tx.send(message).is_ok() {
+                flow.queued(self.consumer.as_ref());
             }
             // Reap finished workers so the set does not grow.
             while tasks.try_join_next().is_some() {}
-        }
+        };
 
         tracing::info!("stopping: no more fetches; finishing records in hand");
-        self.workers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.workers.lock().unwrap_or_else(|e| e.into_inner()).active.clear();
         let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(
@@ -264,17 +433,28 @@ impl Pipeline {
             );
             tasks.shutdown().await;
         }
+        // Commit and close on a thread of its own: both block, and with the
+        // broker gone they can take long; the process must still exit.
         let consumer = self.consumer;
-        tokio::task::spawn_blocking(move || {
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
             commit(consumer.as_ref(), "shutdown");
             consumer.unsubscribe();
             // Dropping the last handle closes the consumer: it leaves the group.
             drop(consumer);
-        })
-        .await
-        .map_err(|_| KafkaError::Canceled)?;
-        tracing::info!("offsets committed; left the group");
-        Ok(())
+            let _ = closed_tx.send(());
+        });
+        match spawned {
+            Ok(_) => match tokio::time::timeout(CLOSE_TIMEOUT, closed_rx).await {
+                Ok(_) => tracing::info!("offsets committed; left the group"),
+                Err(_) => tracing::warn!(
+                    timeout = ?CLOSE_TIMEOUT,
+                    "commit and leave did not finish in time; uncommitted records will be redelivered"
+                ),
+            },
+            Err(error) => tracing::warn!(%error, "cannot start the close thread; not committing"),
+        }
+        outcome
     }
 
     fn worker_for(
@@ -282,41 +462,76 @@ impl Pipeline {
         message: &OwnedMessage,
         shutdown: &CancellationToken,
         tasks: &mut JoinSet<()>,
-    ) -> mpsc::Sender<OwnedMessage> {
+    ) -> (mpsc::UnboundedSender<OwnedMessage>, Arc<Flow>) {
         let key = (message.topic().to_owned(), message.partition());
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(worker) = workers.get(&key) {
-            return worker.tx.clone();
+        if let Some(worker) = workers.active.get(&key) {
+            return (worker.tx.clone(), worker.flow.clone());
         }
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let after = workers.retiring.remove(&key);
+        workers.retiring.retain(|_, done| !done.is_cancelled());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(Flow::new(&key.0, key.1, self.buffer));
         let stop = shutdown.child_token();
         let revoked = CancellationToken::new();
+        let done = CancellationToken::new();
         tasks.spawn(run_worker(
             rx,
             self.processor.clone(),
             self.consumer.clone(),
-            stop.clone(),
-            revoked.clone(),
+            flow.clone(),
+            Signals {
+                stop: stop.clone(),
+                revoked: revoked.clone(),
+                done: done.clone(),
+                after,
+            },
         ));
-        workers.insert(
+        workers.active.insert(
             key,
             Worker {
                 tx: tx.clone(),
+                flow: flow.clone(),
                 stop,
                 revoked,
+                done,
             },
         );
-        tx
+        (tx, flow)
     }
 }
 
-async fn run_worker(
-    mut rx: mpsc::Receiver<OwnedMessage>,
-    processor: Arc<Processor>,
-    consumer: Arc<StreamConsumer<ConsumerCtx>>,
+/// What a worker listens to and tells.
+struct Signals {
     stop: CancellationToken,
     revoked: CancellationToken,
+    /// Cancelled (through a drop guard) when the worker ends.
+    done: CancellationToken,
+    /// The previous worker of the partition, which must end first.
+    after: Option<CancellationToken>,
+}
+
+async fn run_worker(
+    mut rx: mpsc::UnboundedReceiver<OwnedMessage>,
+    processor: Arc<Processor>,
+    consumer: Arc<StreamConsumer<ConsumerCtx>>,
+    flow: Arc<Flow>,
+    signals: Signals,
 ) {
+    let Signals {
+        stop,
+        revoked,
+        done,
+        after,
+    } = signals;
+    let _done: DropGuard = done.drop_guard();
+    if let Some(previous) = after {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = previous.cancelled() => {}
+        }
+    }
     loop {
         let message = tokio::select! {
             biased;
@@ -326,6 +541,7 @@ async fn run_worker(
                 None => return,
             },
         };
+        flow.taken(consumer.as_ref());
         match processor.process(&message, &stop).await {
             Outcome::Handled if !revoked.is_cancelled() => {
                 // Stores offset + 1: the next record to read.

@@ -125,18 +125,24 @@ async fn one_partitions_retries_do_not_stall_another_partition() {
     let receiver = Receiver::start().await;
     let mut config = config(&broker, &topic, &group, Some(&receiver));
     config.retry_max_attempts = 10;
+    // A small buffer: the backlog behind the stuck record overflows it, which
+    // must pause partition 0 only, not the fetching of everything.
+    config.partition_buffer = 2;
     let app = TestApp::spawn_ready(config).await;
     let publisher = Publisher::new(&broker, &topic);
 
     // Partition 0: a record whose webhook is slow and fails twice (>= 6 s),
-    // then one behind it.
+    // then a backlog behind it.
     let stuck = crate::helpers::order_created();
     receiver.set(
         &order_id(&stuck),
         Behaviour::SlowFailFirst(Duration::from_secs(2), 2, 503),
     );
     publisher.event(Some(0), &stuck, &[]).await;
-    let behind = publisher.order(Some(0)).await;
+    let mut behind = Vec::new();
+    for _ in 0..8 {
+        behind.push(publisher.order(Some(0)).await);
+    }
     receiver.wait_attempts(&order_id(&stuck), 1, WAIT).await;
 
     // Partition 1 flows meanwhile.
@@ -152,10 +158,14 @@ async fn one_partitions_retries_do_not_stall_another_partition() {
         "partition 1 was notified while partition 0 was still retrying"
     );
 
-    // Order within partition 0 is kept: `behind` only after `stuck`.
-    let stuck_done = receiver.wait_delivered(&order_id(&stuck), WAIT).await;
-    let behind_done = receiver.wait_delivered(&order_id(&behind), WAIT).await;
-    assert!(behind_done.at >= stuck_done.at, "partition order is kept");
+    // Order within partition 0 is kept, and the paused partition resumes.
+    let mut previous = receiver.wait_delivered(&order_id(&stuck), WAIT).await;
+    for e in &behind {
+        let done = receiver.wait_delivered(&order_id(e), WAIT).await;
+        assert!(done.at >= previous.at, "partition order is kept");
+        assert_eq!(receiver.attempts(&order_id(e)).len(), 1);
+        previous = done;
+    }
     assert_eq!(receiver.attempts(&order_id(&stuck)).len(), 3);
     let text = app.metrics().await;
     assert_eq!(metric(&text, "notifications_failed_total"), Some(2.0), "{text}");

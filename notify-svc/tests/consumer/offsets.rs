@@ -78,3 +78,21 @@ async fn a_record_cut_off_by_shutdown_is_redelivered_to_the_next_instance() {
     );
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_with_the_broker_gone_is_still_prompt() {
+    let (mut broker, topic, group) = broker_with_topic(1).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
+    let publisher = Publisher::new(&broker, &topic);
+    let e = publisher.order(None).await;
+    receiver.wait_delivered(&order_id(&e), WAIT).await;
+
+    broker.stop();
+    app.wait_ready(false, Duration::from_secs(10)).await;
+    let took = app.shutdown().await;
+    assert!(
+        took < Duration::from_secs(15),
+        "shutdown with the broker gone is bounded, took {took:?}"
+    );
+}

@@ -10,6 +10,7 @@ use rdkafka::{
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
+    types::RDKafkaErrorCode,
 };
 
 /// Header names added to a dead-lettered record.
@@ -28,6 +29,10 @@ pub mod header {
     pub const ATTEMPTS: &str = "dlq.attempts";
     /// When it was dead-lettered, RFC 3339.
     pub const FAILED_AT: &str = "dlq.failed.at";
+    /// Present only when the record was too large for the dead-letter topic:
+    /// what was left out (`value` or `value,headers`) and the original size.
+    /// The record itself is still at its original topic, partition and offset.
+    pub const OMITTED: &str = "dlq.omitted";
 }
 
 /// Why a record is dead-lettered.
@@ -84,9 +89,32 @@ impl DeadLetters {
     }
 
     /// Publishes `original` with `failure`'s headers; Ok once acknowledged.
+    ///
+    /// A record too large for the dead-letter topic (the client's or the
+    /// broker's `message.max.bytes`) is published without its value, and then
+    /// also without its original headers, saying so in [`header::OMITTED`]:
+    /// refusing it for good would block its partition forever.
     pub async fn publish(&self, original: &OwnedMessage, failure: &Failure) -> Result<(), KafkaError> {
+        let mut result = Ok(());
+        for trim in [Trim::Nothing, Trim::Value, Trim::ValueAndHeaders] {
+            result = self.publish_trimmed(original, failure, trim).await;
+            match &result {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                    tracing::warn!(
+                        size = original.payload().map_or(0, <[u8]>::len),
+                        ?trim,
+                        "dead letter too large for the dead-letter topic; trimming it"
+                    );
+                }
+                _ => return result,
+            }
+        }
+        result
+    }
+
+    async fn publish_trimmed(&self, original: &OwnedMessage, failure: &Failure, trim: Trim) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
-        if let Some(h) = original.headers() {
+        if let (Some(h), false) = (original.headers(), trim == Trim::ValueAndHeaders) {
             for header in h.iter() {
                 headers = headers.insert(Header {
                     key: header.key,
@@ -114,11 +142,25 @@ impl DeadLetters {
                 value: Some(value.as_bytes()),
             });
         }
+        let omitted = match trim {
+            Trim::Nothing => None,
+            Trim::Value => Some(format!("value; {} bytes", original.payload().map_or(0, <[u8]>::len))),
+            Trim::ValueAndHeaders => Some(format!(
+                "value,headers; {} bytes",
+                original.payload().map_or(0, <[u8]>::len)
+            )),
+        };
+        if let Some(omitted) = &omitted {
+            headers = headers.insert(Header {
+                key: header::OMITTED,
+                value: Some(omitted.as_bytes()),
+            });
+        }
         let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
         if let Some(key) = original.key() {
             record = record.key(key);
         }
-        if let Some(value) = original.payload() {
+        if let (Some(value), Trim::Nothing) = (original.payload(), trim) {
             record = record.payload(value);
         }
         match tokio::time::timeout(
@@ -129,9 +171,15 @@ impl DeadLetters {
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((error, _))) => Err(error),
-            Err(_) => Err(KafkaError::MessageProduction(
-                rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-            )),
+            Err(_) => Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)),
         }
     }
+}
+
+/// How much of a record is left out of its dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trim {
+    Nothing,
+    Value,
+    ValueAndHeaders,
 }

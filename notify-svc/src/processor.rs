@@ -3,7 +3,10 @@
 //! returns [`Outcome::Handled`], so a record is never let go of before it is
 //! either notified or safely on the dead-letter topic.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use orders_contract::envelope::{self, Event};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -17,6 +20,15 @@ use crate::{
     metrics::{Metrics, ReasonLabels},
     notifier::{Notification, Notifier, NotifyError},
     retry::RetryPolicy,
+};
+
+/// Backoff between attempts to publish a dead letter. Independent of the
+/// notification retry settings, so that a tiny RETRY_INITIAL_DELAY cannot turn
+/// an unreachable dead-letter topic into a busy loop of errors.
+const DEAD_LETTER_BACKOFF: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    initial_delay: Duration::from_millis(250),
+    max_delay: Duration::from_secs(10),
 };
 
 /// How a record ended.
@@ -189,7 +201,7 @@ impl Processor {
                 }
                 Err(error) => {
                     attempt += 1;
-                    let delay = self.retry.delay(attempt.min(self.retry.max_attempts.max(1)));
+                    let delay = DEAD_LETTER_BACKOFF.delay(attempt);
                     tracing::error!(%error, attempt, ?delay, "cannot publish to the dead-letter topic; holding the offset and retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}

@@ -199,6 +199,28 @@ async fn a_record_over_max_record_bytes_is_dead_lettered() {
 }
 
 #[tokio::test]
+async fn a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_its_value() {
+    let (broker, topic, group) = broker_with_topic(1).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
+    // Over the dead-letter producer's 1 MB message.max.bytes.
+    let publisher = Publisher::with_max_bytes(&broker, &topic, 4_000_000);
+
+    let huge = vec![7u8; 1_500_000];
+    publisher.raw(None, b"huge", &huge, &[("x-custom", b"kept")]).await;
+    let next = publisher.order(None).await;
+
+    receiver.wait_delivered(&order_id(&next), WAIT).await;
+    let dlq = dead_letters(&broker, &topic, 1).await;
+    assert_dead_letter(&dlq[0], &topic, 0, "too_large", 0);
+    assert_eq!(dlq[0].key(), Some(&b"huge"[..]));
+    assert_eq!(dlq[0].payload(), None, "the value is left out");
+    assert_eq!(header(&dlq[0], "dlq.omitted").as_deref(), Some("value; 1500000 bytes"));
+    assert_eq!(header(&dlq[0], "x-custom").as_deref(), Some("kept"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn retry_settings_that_cannot_work_are_refused_at_build() {
     let mut config = notify_svc::config::Config::for_tests("127.0.0.1:1", "t", "g");
     config.retry_initial_delay = Duration::from_secs(5);

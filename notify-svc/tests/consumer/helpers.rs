@@ -166,13 +166,8 @@ async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: Header
     };
     let status = match behaviour {
         None => 200,
-        Some(Behaviour::FailFirst(n, status)) => {
-            if attempt <= n {
-                status
-            } else {
-                200
-            }
-        }
+        Some(Behaviour::FailFirst(n, status)) if attempt <= n => status,
+        Some(Behaviour::FailFirst(..)) => 200,
         Some(Behaviour::Always(status)) => status,
         Some(Behaviour::Slow(d)) => {
             tokio::time::sleep(d).await;
@@ -368,9 +363,14 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     pub(crate) fn new(broker: &Broker, topic: &str) -> Self {
+        Self::with_max_bytes(broker, topic, 1_000_000)
+    }
+
+    pub(crate) fn with_max_bytes(broker: &Broker, topic: &str, max_bytes: usize) -> Self {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", broker.addr())
             .set("linger.ms", "0")
+            .set("message.max.bytes", max_bytes.to_string())
             .create()
             .unwrap();
         Self {

@@ -135,6 +135,9 @@ impl Webhook {
     /// A webhook sink for `url`; each request times out after `timeout`.
     pub fn new(url: reqwest::Url, timeout: Duration) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
+            // A redirected POST would be replayed as a GET without the body
+            // and its 200 taken for a delivery: a 3xx is a failure instead.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -153,13 +156,42 @@ impl Webhook {
             .await
             .map_err(|e| {
                 if e.is_builder() {
-                    NotifyError::Permanent(format!("cannot build the request: {e}"))
+                    NotifyError::Permanent(format!("cannot build the request: {}", describe(e)))
                 } else {
-                    NotifyError::Transient(format!("request failed: {e}"))
+                    NotifyError::Transient(format!("request failed: {}", describe(e)))
                 }
             })?;
-        classify(response.status())
+        let status = response.status();
+        // Read what little the receiver answers so the connection goes back
+        // to the pool; a large or slow body is not worth waiting for.
+        let mut response = response;
+        let mut read = 0;
+        while read < MAX_RESPONSE_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                _ => break,
+            }
+        }
+        classify(status)
     }
+}
+
+/// How much of a response body is read (and thrown away) to reuse its connection.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The error and its causes, without the URL: webhook URLs often carry a
+/// token in their path or query, and this text goes to logs and to the
+/// dead-letter topic's `dlq.error.message`.
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Sorts an HTTP status into success, transient or permanent failure.

@@ -54,6 +54,9 @@ impl Application {
                 "RETRY_INITIAL_DELAY must not exceed RETRY_MAX_DELAY".into(),
             ));
         }
+        if config.notify_webhook_timeout.is_zero() {
+            return Err(Error::Config("NOTIFY_WEBHOOK_TIMEOUT must be more than 0".into()));
+        }
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let liveness = Arc::new(Liveness::default());

@@ -221,12 +221,67 @@ async fn a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_i
 }
 
 #[tokio::test]
+async fn a_redirect_is_not_followed_and_is_dead_lettered() {
+    let (broker, topic, group) = broker_with_topic(1).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
+    let publisher = Publisher::new(&broker, &topic);
+
+    let moved = order_created();
+    receiver.set(&order_id(&moved), Behaviour::Redirect);
+    publisher.event(None, &moved, &[]).await;
+    let next = publisher.order(None).await;
+
+    receiver.wait_delivered(&order_id(&next), WAIT).await;
+    let dlq = dead_letters(&broker, &topic, 1).await;
+    assert_dead_letter(&dlq[0], &topic, 0, "notify_permanent", 1);
+    assert!(header(&dlq[0], "dlq.error.message").unwrap().contains("302"));
+    assert_eq!(receiver.redirected(), 0, "a POST is never replayed elsewhere as a GET");
+    app.wait_metric("notifications_sent_total", 1.0).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_errors_are_retried_and_the_dead_letter_does_not_leak_the_webhook_url() {
+    let (broker, topic, group) = broker_with_topic(1).await;
+    let mut config = config(&broker, &topic, &group, None);
+    // Nothing listens there; the path holds a token, as webhook URLs often do.
+    let port = testkit::free_port();
+    config.notify_webhook_url = Some(
+        format!("http://127.0.0.1:{port}/hooks/T0001/s3cr3t-t0ken")
+            .parse()
+            .unwrap(),
+    );
+    config.retry_max_attempts = 2;
+    let app = TestApp::spawn_ready(config).await;
+    let publisher = Publisher::new(&broker, &topic);
+
+    publisher.order(None).await;
+    let dlq = dead_letters(&broker, &topic, 1).await;
+    assert_dead_letter(&dlq[0], &topic, 0, "retries_exhausted", 2);
+    let message = header(&dlq[0], "dlq.error.message").unwrap();
+    assert!(!message.contains("s3cr3t"), "the webhook URL leaked: {message}");
+    assert!(
+        message.to_lowercase().contains("connect"),
+        "the cause is named: {message}"
+    );
+    app.wait_metric("notifications_failed_total", 2.0).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn retry_settings_that_cannot_work_are_refused_at_build() {
     let mut config = notify_svc::config::Config::for_tests("127.0.0.1:1", "t", "g");
     config.retry_initial_delay = Duration::from_secs(5);
     config.retry_max_delay = Duration::from_secs(1);
-    let error = notify_svc::startup::Application::build(config).await.unwrap_err();
+    let error = notify_svc::startup::Application::build(config.clone())
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("RETRY_INITIAL_DELAY"), "{error}");
+    config.retry_initial_delay = Duration::from_millis(100);
+    config.notify_webhook_timeout = Duration::ZERO;
+    let error = notify_svc::startup::Application::build(config).await.unwrap_err();
+    assert!(error.to_string().contains("NOTIFY_WEBHOOK_TIMEOUT"), "{error}");
 
     use clap::Parser;
     let parse = |args: &[&str]| notify_svc::config::Config::try_parse_from([&["notify-svc"], args].concat());

@@ -171,3 +171,22 @@ async fn one_partitions_retries_do_not_stall_another_partition() {
     assert_eq!(metric(&text, "notifications_failed_total"), Some(2.0), "{text}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn notifications_reuse_one_connection() {
+    let (broker, topic, group) = broker_with_topic(1).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
+    let publisher = Publisher::new(&broker, &topic);
+
+    let mut events = Vec::new();
+    for _ in 0..5 {
+        events.push(publisher.order(None).await);
+    }
+    for e in &events {
+        receiver.wait_delivered(&order_id(e), WAIT).await;
+    }
+    let peers: std::collections::HashSet<_> = receiver.requests().iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 1, "all requests on one connection: {peers:?}");
+    app.shutdown().await;
+}

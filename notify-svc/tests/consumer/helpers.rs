@@ -13,9 +13,10 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::State,
+    extract::{ConnectInfo, State},
     http::{HeaderMap, StatusCode},
-    routing::post,
+    response::{IntoResponse, Response},
+    routing::{any, post},
 };
 use notify_svc::{config::Config, startup::Application};
 use orders_contract::{
@@ -45,6 +46,8 @@ pub(crate) enum Behaviour {
     Slow(Duration),
     /// Wait, and answer `status` to the first `n` attempts (then 200).
     SlowFailFirst(Duration, u32, u16),
+    /// Answer 302 to another URL (which would answer 200).
+    Redirect,
 }
 
 /// One request the receiver got.
@@ -56,6 +59,8 @@ pub(crate) struct Request {
     /// What the receiver answered (0 while it is still answering).
     pub(crate) status: u16,
     pub(crate) at: Instant,
+    /// The client's address: the same for requests on one connection.
+    pub(crate) peer: SocketAddr,
 }
 
 impl Request {
@@ -69,6 +74,7 @@ struct ReceiverState {
     requests: Vec<Request>,
     behaviours: HashMap<String, Behaviour>,
     attempts: HashMap<String, u32>,
+    redirected: usize,
 }
 
 /// A real HTTP server on 127.0.0.1:0 standing in for a notification receiver.
@@ -83,8 +89,19 @@ impl Receiver {
         let state = Arc::new(Mutex::new(ReceiverState::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/hook", post(receive)).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .route(
+                "/elsewhere",
+                any(|State(state): State<Arc<Mutex<ReceiverState>>>| async move {
+                    state.lock().unwrap_or_else(|e| e.into_inner()).redirected += 1;
+                    "ok"
+                }),
+            )
+            .with_state(state.clone());
+        tokio::spawn(
+            async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await },
+        );
         Self { addr, state }
     }
 
@@ -104,6 +121,11 @@ impl Receiver {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ReceiverState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests that followed a redirect to the other URL.
+    pub(crate) fn redirected(&self) -> usize {
+        self.lock().redirected
     }
 
     /// Every request so far, in arrival order.
@@ -144,7 +166,12 @@ impl Receiver {
     }
 }
 
-async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let order_id = body["order_id"].as_str().unwrap_or_default().to_owned();
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -161,6 +188,7 @@ async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: Header
             body,
             status: 0,
             at: Instant::now(),
+            peer,
         });
         (s.requests.len() - 1, attempt, s.behaviours.get(&order_id).copied())
     };
@@ -177,9 +205,15 @@ async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: Header
             tokio::time::sleep(d).await;
             if attempt <= n { status } else { 200 }
         }
+        Some(Behaviour::Redirect) => 302,
     };
     state.lock().unwrap_or_else(|e| e.into_inner()).requests[index].status = status;
-    StatusCode::from_u16(status).unwrap()
+    let status = StatusCode::from_u16(status).unwrap();
+    if status == StatusCode::FOUND {
+        return (status, [("location", "/elsewhere")], "moved").into_response();
+    }
+    // A body, as real receivers send one.
+    (status, r#"{"received":true}"#).into_response()
 }
 
 // ------------------------------------------------------------------- the app

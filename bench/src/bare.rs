@@ -4,7 +4,11 @@
 //! tracing or idempotency: what any service built from tonic + rdkafka can
 //! reach on this machine.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use orders_contract::{
     envelope::Record,
@@ -44,6 +48,9 @@ pub fn service_producer_config(brokers: &str, options: &KafkaOptions) -> rdkafka
 }
 
 struct BareApi {
+    /// Varies the record key per call so records spread over the partitions,
+    /// as order ids do.
+    calls: AtomicU64,
     producer: Option<(FutureProducer, String)>,
     record: Record,
     order: Order,
@@ -76,8 +83,9 @@ impl OrderService for BareApi {
         _request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
         if let Some((producer, topic)) = &self.producer {
+            let key = format!("{:016x}", self.calls.fetch_add(1, Ordering::Relaxed));
             let record = FutureRecord::to(topic)
-                .key(&self.record.key)
+                .key(&key)
                 .payload(&self.record.value)
                 .headers(headers(&self.record));
             let delivery = producer
@@ -107,6 +115,7 @@ pub async fn serve(addr: SocketAddr, kafka: Option<KafkaTarget>, nodelay: bool) 
     };
     let event = raw::sample_event(0);
     let api = BareApi {
+        calls: AtomicU64::new(0),
         producer,
         record: orders_contract::envelope::encode_order_created(&event, "/bench"),
         order: event.order.clone().unwrap_or_default(),

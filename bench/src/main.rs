@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
             let pick = |v: Option<Duration>, full: u64, quick: u64| {
                 v.unwrap_or(Duration::from_secs(if q { quick } else { full }))
             };
-            run::all(run::Settings {
+            let run = run::all(run::Settings {
                 concurrency: a.concurrency,
                 connections: a.connections,
                 warmup: pick(a.warmup, 2, 1),
@@ -179,8 +179,15 @@ async fn main() -> anyhow::Result<()> {
                 out: a.out,
                 catchup_only: a.catchup_only,
                 notify_env: a.notify_env,
-            })
-            .await
+            });
+            // On Ctrl-C or SIGTERM, drop the run: its child processes (broker,
+            // services, ceiling servers) are killed on drop.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                result = run => result,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                _ = term.recv() => anyhow::bail!("terminated"),
+            }
         }
         Cmd::Loadgen(a) => {
             let result = loadgen::run(&loadgen::LoadSpec {

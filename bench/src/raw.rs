@@ -116,17 +116,21 @@ pub async fn produce_closed_loop(
     let measure_from = Instant::now() + warmup;
     let end = measure_from + duration;
     let mut tasks = JoinSet::new();
-    for _ in 0..concurrency.max(1) {
+    for task in 0..concurrency.max(1) {
         let (producer, record, topic) = (producer.clone(), record.clone(), topic.to_owned());
         tasks.spawn(async move {
             let (mut ok, mut errors, mut latency) = (0u64, 0u64, stats::histogram());
+            let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
                     break;
                 }
+                // A key per record, so records spread over the partitions.
+                n += 1;
+                let key = format!("{task}-{n}");
                 let fr = FutureRecord::to(&topic)
-                    .key(&record.key)
+                    .key(&key)
                     .payload(&record.value)
                     .headers(bare::headers(&record));
                 let acked = match producer.send_result(fr) {
@@ -388,8 +392,9 @@ pub async fn end_to_end(
             key: SENT_AT,
             value: Some(stamp.as_bytes()),
         });
+        let key = i.to_string();
         let fr = FutureRecord::to(topic)
-            .key(&record.key)
+            .key(&key)
             .payload(&record.value)
             .headers(headers);
         if let Ok(delivery) = producer.send_result(fr) {

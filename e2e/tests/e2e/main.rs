@@ -13,3 +13,4 @@ mod helpers;
 mod idempotency;
 mod outage;
 mod shutdown;
+mod telemetry;

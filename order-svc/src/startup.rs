@@ -202,7 +202,11 @@ impl Application {
             }
         };
         tracing::info!(grpc_addr = %grpc_listener.local_addr().map_err(io("GRPC_ADDR"))?, metrics_addr = %config.metrics_addr, "order-svc serving");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        // TCP_NODELAY: a unary answer is one small write; Nagle would hold it
+        // back waiting for the client's ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;

@@ -554,3 +554,18 @@ async fn run_worker(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttled_logs_once_per_interval_and_counts_the_rest() {
+        let t = Throttled::new(Duration::from_millis(200));
+        assert_eq!(t.check(), Some(0), "the first one is logged");
+        assert_eq!(t.check(), None);
+        assert_eq!(t.check(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(t.check(), Some(2), "then one line saying how many were skipped");
+    }
+}

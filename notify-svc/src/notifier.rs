@@ -147,20 +147,21 @@ impl Webhook {
     }
 
     async fn send(&self, notification: &Notification) -> Result<(), NotifyError> {
-        let response = self
+        let mut request = self
             .client
             .post(self.url.clone())
-            .header("Idempotency-Key", &notification.event_id)
-            .json(notification)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_builder() {
-                    NotifyError::Permanent(format!("cannot build the request: {}", describe(e)))
-                } else {
-                    NotifyError::Transient(format!("request failed: {}", describe(e)))
-                }
-            })?;
+            .header("Idempotency-Key", &notification.event_id);
+        // The receiver continues the event's trace (W3C trace context).
+        for (name, value) in service_kit::telemetry::inject(&tracing::Span::current()) {
+            request = request.header(name, value);
+        }
+        let response = request.json(notification).send().await.map_err(|e| {
+            if e.is_builder() {
+                NotifyError::Permanent(format!("cannot build the request: {}", describe(e)))
+            } else {
+                NotifyError::Transient(format!("request failed: {}", describe(e)))
+            }
+        })?;
         let status = response.status();
         // Read what little the receiver answers so the connection goes back
         // to the pool; a large or slow body is not worth waiting for.

@@ -55,6 +55,7 @@ pub(crate) enum Behaviour {
 pub(crate) struct Request {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) content_type: Option<String>,
+    pub(crate) traceparent: Option<String>,
     pub(crate) body: serde_json::Value,
     /// What the receiver answered (0 while it is still answering).
     pub(crate) status: u16,
@@ -185,6 +186,7 @@ async fn receive(
         s.requests.push(Request {
             idempotency_key: text("idempotency-key"),
             content_type: text("content-type"),
+            traceparent: text("traceparent"),
             body,
             status: 0,
             at: Instant::now(),

@@ -137,6 +137,15 @@ async fn a_traceparent_on_the_record_carries_into_the_notification() {
 
     let got = receiver.wait_delivered(&order_id(&traced), WAIT).await;
     assert_eq!(got.body["trace_id"], trace_id);
+    let traceparent = got.traceparent.expect("the webhook request carries a traceparent");
+    assert!(
+        traceparent.starts_with(&format!("00-{trace_id}-")),
+        "the receiver can continue the trace: {traceparent}"
+    );
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "the parent is notify-svc's span, not the producer's: {traceparent}"
+    );
     let other = receiver.wait_delivered(&order_id(&untraced), WAIT).await;
     let other = other.body["trace_id"]
         .as_str()

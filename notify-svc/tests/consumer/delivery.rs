@@ -190,3 +190,44 @@ async fn notifications_reuse_one_connection() {
     assert_eq!(peers.len(), 1, "all requests on one connection: {peers:?}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stream_through_small_buffers_arrives_complete_once_and_in_partition_order() {
+    let (broker, topic, group) = broker_with_topic(2).await;
+    let receiver = Receiver::start().await;
+    let mut config = config(&broker, &topic, &group, Some(&receiver));
+    // Pause and resume many times over.
+    config.partition_buffer = 3;
+    let app = TestApp::spawn_ready(config).await;
+    let publisher = Publisher::new(&broker, &topic);
+
+    let mut published: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..200 {
+        let event = crate::helpers::order_created();
+        let id = order_id(&event);
+        if i % 7 == 3 {
+            receiver.set(&id, Behaviour::FailFirst(1, 503));
+        } else if i % 11 == 5 {
+            receiver.set(&id, Behaviour::Slow(Duration::from_millis(30)));
+        }
+        let partition = (i % 2) as i32;
+        publisher.event(Some(partition), &event, &[]).await;
+        published[i % 2].push(id);
+    }
+    for id in published.iter().flatten() {
+        receiver.wait_delivered(id, WAIT).await;
+    }
+    let delivered: Vec<String> = receiver
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.order_id().to_owned())
+        .collect();
+    assert_eq!(delivered.len(), 200, "each order delivered exactly once");
+    for ids in &published {
+        let seen: Vec<&String> = delivered.iter().filter(|d| ids.contains(d)).collect();
+        assert_eq!(seen, ids.iter().collect::<Vec<_>>(), "partition order is kept");
+    }
+    app.wait_metric("notifications_sent_total", 200.0).await;
+    app.shutdown().await;
+}

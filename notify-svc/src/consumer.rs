@@ -157,13 +157,13 @@ impl Flow {
 /// Logs a recurring error at most once per interval, counting the rest, so an
 /// outage does not flood the log.
 #[derive(Debug)]
-struct Throttled {
+pub(crate) struct Throttled {
     every: Duration,
     state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Throttled {
-    const fn new(every: Duration) -> Self {
+    pub(crate) const fn new(every: Duration) -> Self {
         Self {
             every,
             state: Mutex::new((None, 0)),
@@ -171,7 +171,7 @@ impl Throttled {
     }
 
     /// Some(number suppressed since the last log line) when this one should be logged.
-    fn check(&self) -> Option<u64> {
+    pub(crate) fn check(&self) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         match state.0 {
@@ -188,7 +188,7 @@ impl Throttled {
 }
 
 /// How often the same kind of client error is logged at most.
-const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Whether the consumer has a live broker connection and group membership,
 /// from librdkafka's statistics.

@@ -6,12 +6,14 @@
 use std::time::Duration;
 
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, ClientContext,
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
 };
+
+use crate::consumer::{ERROR_LOG_INTERVAL, Throttled};
 
 /// Header names added to a dead-lettered record.
 pub mod header {
@@ -56,10 +58,25 @@ pub const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
     ("linger.ms", "5"),
 ];
 
+/// The dead-letter producer's callbacks: client errors (an unreachable
+/// broker, say) are logged at most every few seconds, not on every reconnect.
+#[derive(Debug)]
+pub struct DeadLetterCtx {
+    errors: Throttled,
+}
+
+impl ClientContext for DeadLetterCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(suppressed) = self.errors.check() {
+            tracing::warn!(%error, reason, suppressed, "dead-letter producer error; the client keeps reconnecting");
+        }
+    }
+}
+
 /// Publishes dead letters.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<DeadLetterCtx>,
     topic: String,
 }
 
@@ -73,13 +90,15 @@ impl DeadLetters {
     /// A dead-letter publisher to `topic`.
     pub fn new(config: &ClientConfig, topic: String) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: config.create()?,
+            producer: config.create_with_context(DeadLetterCtx {
+                errors: Throttled::new(ERROR_LOG_INTERVAL),
+            })?,
             topic,
         })
     }
 
     /// The producer, for start-up checks.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<DeadLetterCtx> {
         &self.producer
     }
 

@@ -54,6 +54,18 @@ impl Application {
                 "RETRY_INITIAL_DELAY must not exceed RETRY_MAX_DELAY".into(),
             ));
         }
+        // At-least-once rests on storing offsets only after handling.
+        if config
+            .kafka_options
+            .0
+            .iter()
+            .any(|(k, v)| k == "enable.auto.offset.store" && !v.eq_ignore_ascii_case("false"))
+        {
+            return Err(Error::Config(
+                "KAFKA_OPTIONS must not set enable.auto.offset.store: notify-svc stores each offset after its record is handled"
+                    .into(),
+            ));
+        }
         if config.notify_webhook_timeout.is_zero() {
             return Err(Error::Config("NOTIFY_WEBHOOK_TIMEOUT must be more than 0".into()));
         }

@@ -2,6 +2,7 @@
 //! Tansu broker and a real HTTP webhook receiver, a unique topic and group
 //! per test. One binary; each topic in its own file.
 
+mod configuration;
 mod dead_letters;
 mod delivery;
 mod helpers;

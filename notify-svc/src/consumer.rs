@@ -1,8 +1,9 @@
 //! The consumer-group member: fetches records, runs one worker per assigned
 //! partition (records of a partition are handled in order; partitions proceed
-//! independently), stores each record's offset only after it is handled, and
-//! commits on revoke, periodically (librdkafka's auto-commit of *stored*
-//! offsets) and on shutdown.
+//! independently, and a partition whose worker falls behind is paused on its
+//! own), stores each record's offset only after it is handled, and commits on
+//! revoke, periodically (librdkafka's auto-commit of *stored* offsets) and on
+//! shutdown.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,8 +23,7 @@ use rdkafka::{
     topic_partition_list::TopicPartitionList,
 };
 use tokio::{sync::mpsc, task::JoinSet};
-use tokio_util::sync::CancellationToken;
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
     metrics::{Metrics, PartitionLabels},

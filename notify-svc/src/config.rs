@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use service_kit::{kafka::KafkaOptions, telemetry::LogFormat};
+use service_kit::{
+    kafka::{KafkaOptions, KafkaSecurity},
+    telemetry::LogFormat,
+};
 
 /// Consumes OrderCreated events and sends a notification for each one,
 /// at least once, with retries and a dead-letter topic.
@@ -86,6 +89,9 @@ pub struct Config {
     /// How long shutdown waits for in-flight records before committing.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurity,
 
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -85,12 +85,14 @@ impl Application {
             }
             None => Notifier::Log,
         };
-        let dlq_config = kafka::client_config(
+        config.kafka_security.validate().map_err(Error::Config)?;
+        let mut dlq_config = kafka::client_config(
             &config.kafka_brokers,
             kafka::Role::Producer,
             dead_letter::PRODUCER_DEFAULTS,
             &config.kafka_options,
         );
+        config.kafka_security.apply(&mut dlq_config);
         let dead_letters = DeadLetters::new(&dlq_config, config.dlq_topic.clone())?;
         let retry = RetryPolicy {
             max_attempts: config.retry_max_attempts,
@@ -106,12 +108,13 @@ impl Application {
             metrics.clone(),
             config.max_record_bytes as usize,
         ));
-        let consumer_config = kafka::client_config(
+        let mut consumer_config = kafka::client_config(
             &config.kafka_brokers,
             kafka::Role::Consumer,
             consumer_defaults(&config.kafka_group_id),
             &config.kafka_options,
         );
+        config.kafka_security.apply(&mut consumer_config);
         let pipeline = Pipeline::new(
             &consumer_config,
             processor,

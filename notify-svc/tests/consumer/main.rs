@@ -8,3 +8,4 @@ mod delivery;
 mod helpers;
 mod offsets;
 mod operations;
+mod security;

@@ -72,9 +72,9 @@ pub struct Config {
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
     pub max_record_bytes: u64,
 
-    /// Records that may wait per partition for that partition's worker; when
-    /// this many wait, fetching of that partition pauses (others go on) until
-    /// half of them are handled.
+    /// Records that may wait per partition for that partition's worker.
+    /// While a partition's worker is slow (retrying), the others go on until
+    /// this many of its records wait; then fetching waits for it.
     #[arg(long, env = "PARTITION_BUFFER", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub partition_buffer: u64,
 

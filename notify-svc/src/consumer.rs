@@ -1,7 +1,7 @@
 //! The consumer-group member: fetches records, runs one worker per assigned
 //! partition (records of a partition are handled in order; partitions proceed
-//! independently, and a partition whose worker falls behind is paused on its
-//! own), stores each record's offset only after it is handled, and commits on
+//! independently while their buffers have room), stores each record's offset
+//! only after it is handled, and commits on
 //! revoke, periodically (librdkafka's auto-commit of *stored* offsets) and on
 //! shutdown.
 
@@ -58,8 +58,7 @@ type Key = (String, i32);
 
 #[derive(Debug)]
 struct Worker {
-    tx: mpsc::UnboundedSender<OwnedMessage>,
-    flow: Arc<Flow>,
+    tx: mpsc::Sender<OwnedMessage>,
     /// Cancelled on revoke or shutdown: finish the record in hand, then stop.
     stop: CancellationToken,
     /// Cancelled on revoke only: the partition is someone else's now, so
@@ -86,70 +85,6 @@ impl Workers {
             worker.revoked.cancel();
             worker.stop.cancel();
             self.retiring.insert(key.clone(), worker.done);
-        }
-    }
-}
-
-/// Back-pressure of one partition: records wait in an unbounded channel, and
-/// the partition is paused in the client when `high` records wait and resumed
-/// when its worker has brought them down to `low`. A slow partition thus
-/// stops its own fetching without ever blocking the fetch loop, which keeps
-/// serving the other partitions.
-#[derive(Debug)]
-struct Flow {
-    topic: String,
-    partition: i32,
-    high: usize,
-    low: usize,
-    /// (records waiting, paused). The client's pause and resume calls are
-    /// made under this lock so they cannot cross.
-    state: Mutex<(usize, bool)>,
-}
-
-impl Flow {
-    fn new(topic: &str, partition: i32, buffer: usize) -> Self {
-        Self {
-            topic: topic.to_owned(),
-            partition,
-            high: buffer.max(1),
-            low: buffer / 2,
-            state: Mutex::new((0, false)),
-        }
-    }
-
-    fn tpl(&self) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, self.partition);
-        tpl
-    }
-
-    /// A record was queued for the worker.
-    fn queued<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 += 1;
-        if state.0 >= self.high && !state.1 {
-            match consumer.pause(&self.tpl()) {
-                Ok(()) => {
-                    state.1 = true;
-                    tracing::info!(topic = %self.topic, partition = self.partition, waiting = state.0, "partition paused: its worker is behind");
-                }
-                Err(error) => tracing::warn!(%error, partition = self.partition, "cannot pause the partition"),
-            }
-        }
-    }
-
-    /// The worker took a record.
-    fn taken<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 = state.0.saturating_sub(1);
-        if state.1 && state.0 <= self.low {
-            match consumer.resume(&self.tpl()) {
-                Ok(()) => {
-                    state.1 = false;
-                    tracing::info!(topic = %self.topic, partition = self.partition, "partition resumed");
-                }
-                Err(error) => tracing::debug!(%error, partition = self.partition, "cannot resume the partition"),
-            }
         }
     }
 }
@@ -272,7 +207,7 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,11 +215,6 @@ impl ConsumerContext for ConsumerCtx {
                     assigned.insert((element.topic().to_owned(), element.partition()));
                 }
                 drop(assigned);
-                // A partition paused for back-pressure before it was revoked
-                // starts afresh, with a new worker.
-                if let Err(error) = consumer.resume(tpl) {
-                    tracing::debug!(%error, "resume after assignment");
-                }
                 tracing::info!(partitions = %describe(tpl), "partitions assigned")
             }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
@@ -352,7 +282,7 @@ impl std::fmt::Debug for Pipeline {
 
 impl Pipeline {
     /// Creates the consumer (not yet subscribed). `buffer` records may wait
-    /// per partition before that partition's fetching is paused.
+    /// per partition for its worker before the fetch loop waits for it.
     pub fn new(
         config: &rdkafka::ClientConfig,
         processor: Arc<Processor>,
@@ -413,11 +343,19 @@ impl Pipeline {
                     }
                 }
             };
-            let (tx, flow) = self.worker_for(&message, &shutdown, &mut tasks);
-            // A closed channel means the partition was revoked meanwhile; the
-            // record will be delivered to its new owner.
-            if tx.send(message).is_ok() {
-                flow.queued(self.consumer.as_ref());
+            let tx = self.worker_for(&message, &shutdown, &mut tasks);
+            // Back-pressure: when this partition's buffer is full, the fetch
+            // loop waits for its worker, and librdkafka's bounded prefetch
+            // queue stops fetching. (Pausing only the slow partition would be
+            // finer, but a resumed partition refetches from the middle of a
+            // record batch, where Tansu 0.6 returns nothing: the consumer
+            // would stall for good on the local broker.)
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(()),
+                // A closed channel means the partition was revoked meanwhile;
+                // the record will be delivered to its new owner.
+                _ = tx.send(message) => {}
             }
             // Reap finished workers so the set does not grow.
             while tasks.try_join_next().is_some() {}
@@ -462,16 +400,15 @@ impl Pipeline {
         message: &OwnedMessage,
         shutdown: &CancellationToken,
         tasks: &mut JoinSet<()>,
-    ) -> (mpsc::UnboundedSender<OwnedMessage>, Arc<Flow>) {
+    ) -> mpsc::Sender<OwnedMessage> {
         let key = (message.topic().to_owned(), message.partition());
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(worker) = workers.active.get(&key) {
-            return (worker.tx.clone(), worker.flow.clone());
+            return worker.tx.clone();
         }
         let after = workers.retiring.remove(&key);
         workers.retiring.retain(|_, done| !done.is_cancelled());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let flow = Arc::new(Flow::new(&key.0, key.1, self.buffer));
+        let (tx, rx) = mpsc::channel(self.buffer.max(1));
         let stop = shutdown.child_token();
         let revoked = CancellationToken::new();
         let done = CancellationToken::new();
@@ -479,7 +416,6 @@ impl Pipeline {
             rx,
             self.processor.clone(),
             self.consumer.clone(),
-            flow.clone(),
             Signals {
                 stop: stop.clone(),
                 revoked: revoked.clone(),
@@ -491,13 +427,12 @@ impl Pipeline {
             key,
             Worker {
                 tx: tx.clone(),
-                flow: flow.clone(),
                 stop,
                 revoked,
                 done,
             },
         );
-        (tx, flow)
+        tx
     }
 }
 
@@ -512,10 +447,9 @@ struct Signals {
 }
 
 async fn run_worker(
-    mut rx: mpsc::UnboundedReceiver<OwnedMessage>,
+    mut rx: mpsc::Receiver<OwnedMessage>,
     processor: Arc<Processor>,
     consumer: Arc<StreamConsumer<ConsumerCtx>>,
-    flow: Arc<Flow>,
     signals: Signals,
 ) {
     let Signals {
@@ -541,7 +475,6 @@ async fn run_worker(
                 None => return,
             },
         };
-        flow.taken(consumer.as_ref());
         match processor.process(&message, &stop).await {
             Outcome::Handled if !revoked.is_cancelled() => {
                 // Stores offset + 1: the next record to read.

@@ -346,10 +346,12 @@ impl Pipeline {
             let tx = self.worker_for(&message, &shutdown, &mut tasks);
             // Back-pressure: when this partition's buffer is full, the fetch
             // loop waits for its worker, and librdkafka's bounded prefetch
-            // queue stops fetching. (Pausing only the slow partition would be
-            // finer, but a resumed partition refetches from the middle of a
-            // record batch, where Tansu 0.6 returns nothing: the consumer
-            // would stall for good on the local broker.)
+            // queue stops fetching. Pausing only the slow partition would
+            // isolate it further, but librdkafka purges a paused partition's
+            // prefetched records and refetches them on resume: in a catch-up
+            // every partition cycles through that every few milliseconds, and
+            // the refetch starts mid-batch, which Tansu 0.6's memory storage
+            // answers with nothing (measured: the consumer stalled for good).
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Ok(()),

@@ -29,6 +29,33 @@ use rdkafka::{
 /// join and no long sleep inside fetch.
 pub const TANSU_CLIENT_OPTIONS: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10";
 
+/// The value of the sample `series` (name and labels exactly as exposed, e.g.
+/// `orders_created_total` or `x_total{reason="y"}`) in a Prometheus text scrape.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The two order lines the tests use: 2 x SKU-1 at 19.99 and 1 x SKU-2 at
+/// 5.00 (total 4498 minor units).
+pub fn sample_items() -> Vec<orders_contract::v1::LineItem> {
+    use orders_contract::v1::LineItem;
+    vec![
+        LineItem {
+            sku: "SKU-1".into(),
+            quantity: 2,
+            unit_price_minor: 1999,
+        },
+        LineItem {
+            sku: "SKU-2".into(),
+            quantity: 1,
+            unit_price_minor: 500,
+        },
+    ]
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -21,7 +21,7 @@ use axum::{
 use notify_svc::{config::Config, startup::Application};
 use orders_contract::{
     envelope,
-    v1::{LineItem, Order, OrderCreated},
+    v1::{Order, OrderCreated},
 };
 use rdkafka::{
     ClientConfig,
@@ -332,13 +332,7 @@ impl Drop for TestApp {
 
 /// The value of `series` (e.g. `events_consumed_total` or
 /// `events_dead_lettered_total{reason="malformed"}`) in a scrape.
-pub(crate) fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?;
-        let value = rest.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
-}
+pub(crate) use testkit::metric;
 
 /// The series of `name` (labels included) in a scrape.
 pub(crate) fn series<'t>(text: &'t str, name: &str) -> Vec<&'t str> {
@@ -365,18 +359,7 @@ pub(crate) fn order_created() -> OrderCreated {
         order: Some(Order {
             order_id,
             user_id: "user-42".into(),
-            items: vec![
-                LineItem {
-                    sku: "SKU-1".into(),
-                    quantity: 2,
-                    unit_price_minor: 1999,
-                },
-                LineItem {
-                    sku: "SKU-2".into(),
-                    quantity: 1,
-                    unit_price_minor: 500,
-                },
-            ],
+            items: testkit::sample_items(),
             currency: "EUR".into(),
             total_minor: 4498,
             created_at: Some(orders_contract::timestamp(time::OffsetDateTime::now_utc())),

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use order_svc::{config::Config, error::Error, startup::Application};
-use orders_contract::v1::{CreateOrderRequest, LineItem, order_service_client::OrderServiceClient};
+use orders_contract::v1::{CreateOrderRequest, order_service_client::OrderServiceClient};
 use testkit::{Broker, TANSU_CLIENT_OPTIONS, unique};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -102,27 +102,9 @@ pub(crate) fn valid_request(user: &str) -> CreateOrderRequest {
     CreateOrderRequest {
         user_id: user.into(),
         currency: "EUR".into(),
-        items: vec![
-            LineItem {
-                sku: "SKU-1".into(),
-                quantity: 2,
-                unit_price_minor: 1999,
-            },
-            LineItem {
-                sku: "SKU-2".into(),
-                quantity: 1,
-                unit_price_minor: 500,
-            },
-        ],
+        items: testkit::sample_items(),
         request_id: String::new(),
     }
 }
 
-/// The value of the sample `series` (name and labels as printed) in a
-/// Prometheus text exposition.
-pub(crate) fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok()).flatten()
-    })
-}
+pub(crate) use testkit::metric;

@@ -63,22 +63,28 @@ impl LoadResult {
 }
 
 /// A valid request: two lines, EUR, no idempotency key.
+/// The two lines of every benchmark order (the same in requests and in
+/// pre-filled events, so records are the size the service writes).
+pub fn items() -> Vec<LineItem> {
+    vec![
+        LineItem {
+            sku: "SKU-12345".into(),
+            quantity: 2,
+            unit_price_minor: 1999,
+        },
+        LineItem {
+            sku: "SKU-777".into(),
+            quantity: 1,
+            unit_price_minor: 500,
+        },
+    ]
+}
+
 pub fn request(i: u64) -> CreateOrderRequest {
     CreateOrderRequest {
         user_id: format!("bench-user-{}", i % 1000),
         currency: "EUR".into(),
-        items: vec![
-            LineItem {
-                sku: "SKU-12345".into(),
-                quantity: 2,
-                unit_price_minor: 1999,
-            },
-            LineItem {
-                sku: "SKU-777".into(),
-                quantity: 1,
-                unit_price_minor: 500,
-            },
-        ],
+        items: items(),
         request_id: String::new(),
     }
 }

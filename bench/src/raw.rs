@@ -14,7 +14,7 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use orders_contract::{
     envelope::{self, Record},
-    v1::{LineItem, Order, OrderCreated},
+    v1::{Order, OrderCreated},
 };
 use rdkafka::{
     ClientConfig, Message,
@@ -39,18 +39,7 @@ pub fn sample_event(i: u64) -> OrderCreated {
         order: Some(Order {
             order_id: uuid::Uuid::now_v7().to_string(),
             user_id: format!("bench-user-{}", i % 1000),
-            items: vec![
-                LineItem {
-                    sku: "SKU-12345".into(),
-                    quantity: 2,
-                    unit_price_minor: 1999,
-                },
-                LineItem {
-                    sku: "SKU-777".into(),
-                    quantity: 1,
-                    unit_price_minor: 500,
-                },
-            ],
+            items: crate::loadgen::items(),
             currency: "EUR".into(),
             total_minor: 4498,
             created_at: Some(now),

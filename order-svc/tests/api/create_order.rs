@@ -8,20 +8,12 @@ use prost::Message as _;
 use rdkafka::Message as _;
 use testkit::header;
 
-use crate::helpers::{spawn_app, valid_request};
+use crate::helpers::{create, spawn_app, valid_request};
 
 #[tokio::test]
 async fn an_order_is_on_the_topic_when_create_order_answers() {
     let app = spawn_app().await;
-    let order = app
-        .client()
-        .await
-        .create_order(valid_request("user-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let order = create(&mut app.client().await, valid_request("user-1")).await;
 
     assert_eq!(order.user_id, "user-1");
     assert_eq!(order.total_minor, 2 * 1999 + 500);
@@ -60,13 +52,7 @@ async fn every_order_and_event_gets_its_own_id() {
     let mut client = app.client().await;
     let mut ids = std::collections::HashSet::new();
     for _ in 0..20 {
-        let order = client
-            .create_order(valid_request("user-1"))
-            .await
-            .unwrap()
-            .into_inner()
-            .order
-            .unwrap();
+        let order = create(&mut client, valid_request("user-1")).await;
         assert!(ids.insert(order.order_id));
     }
     let records = app
@@ -88,20 +74,8 @@ async fn a_retried_request_id_gives_the_same_order_and_event() {
     let mut client = app.client().await;
     let mut request = valid_request("user-7");
     request.request_id = "checkout-42".into();
-    let first = client
-        .create_order(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
-    let second = client
-        .create_order(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let first = create(&mut client, request.clone()).await;
+    let second = create(&mut client, request.clone()).await;
     assert_eq!(first, second, "the same answer, created_at included");
     assert_eq!(first.request_id, "checkout-42");
     assert_eq!(uuid::Uuid::parse_str(&first.order_id).unwrap().get_version_num(), 5);
@@ -109,7 +83,7 @@ async fn a_retried_request_id_gives_the_same_order_and_event() {
     // Another user may use the same key for their own order.
     let mut other = request.clone();
     other.user_id = "user-8".into();
-    let theirs = client.create_order(other).await.unwrap().into_inner().order.unwrap();
+    let theirs = create(&mut client, other).await;
     assert_ne!(theirs.order_id, first.order_id);
 
     // The same key with another payload is refused, naming the field.
@@ -138,26 +112,10 @@ async fn ids_derived_from_a_request_id_survive_a_restart() {
     let mut request = valid_request("user-9");
     request.request_id = "retry-me".into();
     let mut first_app = spawn_app().await;
-    let first = first_app
-        .client()
-        .await
-        .create_order(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let first = create(&mut first_app.client().await, request.clone()).await;
     first_app.stop().await.unwrap();
     let second_app = spawn_app().await;
-    let second = second_app
-        .client()
-        .await
-        .create_order(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let second = create(&mut second_app.client().await, request).await;
     assert_eq!(first.order_id, second.order_id);
     assert_eq!(first_event_id(&first_app).await, first_event_id(&second_app).await);
 }

@@ -108,3 +108,17 @@ pub(crate) fn valid_request(user: &str) -> CreateOrderRequest {
 }
 
 pub(crate) use testkit::metric;
+
+/// Calls CreateOrder and returns the order; panics on an error status.
+pub(crate) async fn create(
+    client: &mut OrderServiceClient<Channel>,
+    request: orders_contract::v1::CreateOrderRequest,
+) -> orders_contract::v1::Order {
+    client
+        .create_order(request)
+        .await
+        .expect("CreateOrder succeeds")
+        .into_inner()
+        .order
+        .expect("an order")
+}

@@ -4,23 +4,15 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use service_kit::{
-    kafka::{KafkaOptions, KafkaSecurity},
-    telemetry::LogFormat,
-};
+use service_kit::{kafka::KafkaArgs, telemetry::LogFormat};
 
 /// Consumes OrderCreated events and sends a notification for each one,
 /// at least once, with retries and a dead-letter topic.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "notify-svc", version)]
 pub struct Config {
-    /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub kafka_brokers: String,
-
-    /// Topic to consume OrderCreated events from.
-    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
-    pub orders_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 
     /// Consumer group; instances in one group share the topic's partitions.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "notification-group")]
@@ -30,17 +22,6 @@ pub struct Config {
     /// permanently refused or out of retries).
     #[arg(long, env = "DLQ_TOPIC", default_value = "orders.dlq")]
     pub dlq_topic: String,
-
-    /// Extra librdkafka properties, "key=value,key=value", for the consumer and
-    /// the dead-letter producer; they override the service's defaults.
-    #[arg(
-        long,
-        env = "KAFKA_OPTIONS",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    pub kafka_options: KafkaOptions,
 
     /// Send notifications as JSON POSTs to this URL instead of logging them.
     #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
@@ -82,16 +63,9 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
     pub metrics_addr: SocketAddr,
 
-    /// How long start-up waits for the broker to answer and the topic to exist.
-    #[arg(long, env = "KAFKA_STARTUP_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub kafka_startup_timeout: Duration,
-
     /// How long shutdown waits for in-flight records before committing.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-
-    #[command(flatten)]
-    pub kafka_security: KafkaSecurity,
 
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -115,8 +89,8 @@ impl Config {
     pub fn for_tests(brokers: &str, topic: &str, group: &str) -> Self {
         let mut config = Config::parse_from(["notify-svc"]);
         config.metrics_addr = ([127, 0, 0, 1], 0).into();
-        config.kafka_brokers = brokers.to_owned();
-        config.orders_topic = topic.to_owned();
+        config.kafka.brokers = brokers.to_owned();
+        config.kafka.topic = topic.to_owned();
         config.kafka_group_id = group.to_owned();
         config.dlq_topic = format!("{topic}.dlq");
         config

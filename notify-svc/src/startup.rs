@@ -38,7 +38,7 @@ impl Application {
     /// clients and the sink, and binds the operations listener.
     pub async fn build(config: Config) -> Result<Self, Error> {
         for (name, value) in [
-            ("ORDERS_TOPIC", &config.orders_topic),
+            ("ORDERS_TOPIC", &config.kafka.topic),
             ("DLQ_TOPIC", &config.dlq_topic),
             ("KAFKA_GROUP_ID", &config.kafka_group_id),
         ] {
@@ -46,7 +46,7 @@ impl Application {
                 return Err(Error::Config(format!("{name} must not be empty")));
             }
         }
-        if config.dlq_topic == config.orders_topic {
+        if config.dlq_topic == config.kafka.topic {
             return Err(Error::Config("DLQ_TOPIC must differ from ORDERS_TOPIC".into()));
         }
         if config.retry_initial_delay > config.retry_max_delay {
@@ -56,7 +56,8 @@ impl Application {
         }
         // At-least-once rests on storing offsets only after handling.
         if config
-            .kafka_options
+            .kafka
+            .options
             .0
             .iter()
             .any(|(k, v)| k == "enable.auto.offset.store" && !v.eq_ignore_ascii_case("false"))
@@ -85,14 +86,10 @@ impl Application {
             }
             None => Notifier::Log,
         };
-        config.kafka_security.validate().map_err(Error::Config)?;
-        let mut dlq_config = kafka::client_config(
-            &config.kafka_brokers,
-            kafka::Role::Producer,
-            dead_letter::PRODUCER_DEFAULTS,
-            &config.kafka_options,
-        );
-        config.kafka_security.apply(&mut dlq_config);
+        config.kafka.security.validate().map_err(Error::Config)?;
+        let dlq_config = config
+            .kafka
+            .client_config(kafka::Role::Producer, dead_letter::PRODUCER_DEFAULTS);
         let dead_letters = DeadLetters::new(&dlq_config, config.dlq_topic.clone())?;
         let retry = RetryPolicy {
             max_attempts: config.retry_max_attempts,
@@ -108,13 +105,9 @@ impl Application {
             metrics.clone(),
             config.max_record_bytes as usize,
         ));
-        let mut consumer_config = kafka::client_config(
-            &config.kafka_brokers,
-            kafka::Role::Consumer,
-            consumer_defaults(&config.kafka_group_id),
-            &config.kafka_options,
-        );
-        config.kafka_security.apply(&mut consumer_config);
+        let consumer_config = config
+            .kafka
+            .client_config(kafka::Role::Consumer, consumer_defaults(&config.kafka_group_id));
         let pipeline = Pipeline::new(
             &consumer_config,
             processor,
@@ -126,10 +119,10 @@ impl Application {
         // Both topics must exist: the consumer's and the one failures go to.
         let producer = dead_letters.producer().clone();
         let (brokers, orders, dlq, timeout) = (
-            config.kafka_brokers.clone(),
-            config.orders_topic.clone(),
+            config.kafka.brokers.clone(),
+            config.kafka.topic.clone(),
             config.dlq_topic.clone(),
-            config.kafka_startup_timeout,
+            config.kafka.startup_timeout,
         );
         let partitions = tokio::task::spawn_blocking(move || {
             let client = rdkafka::producer::Producer::client(&producer);
@@ -140,8 +133,8 @@ impl Application {
         .await
         .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
         tracing::info!(
-            brokers = %config.kafka_brokers,
-            topic = %config.orders_topic,
+            brokers = %config.kafka.brokers,
+            topic = %config.kafka.topic,
             partitions,
             dlq = %config.dlq_topic,
             group = %config.kafka_group_id,
@@ -198,7 +191,7 @@ impl Application {
             }
         });
         tracing::info!(metrics_addr = %config.metrics_addr, "notify-svc consuming");
-        let result = pipeline.run(&config.orders_topic, stop, config.shutdown_grace).await;
+        let result = pipeline.run(&config.kafka.topic, stop, config.shutdown_grace).await;
         ops_stopped.cancel();
         if let Ok(Err(error)) = ops_server.await {
             tracing::warn!(%error, "operations server failed");

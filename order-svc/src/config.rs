@@ -4,11 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
-use service_kit::{
-    kafka::{KafkaOptions, KafkaSecurity},
-    secret::Secret,
-    telemetry::LogFormat,
-};
+use service_kit::{kafka::KafkaArgs, secret::Secret, telemetry::LogFormat};
 
 /// The order API: validates orders and publishes an OrderCreated event to Kafka
 /// for each one, answering only once the broker has acknowledged it.
@@ -23,33 +19,13 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub kafka_brokers: String,
-
-    /// Topic the OrderCreated events are published to.
-    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
-    pub orders_topic: String,
-
-    /// Extra librdkafka properties, "key=value,key=value"; they override the
-    /// service's defaults (for example security.protocol, sasl.*, linger.ms).
-    #[arg(
-        long,
-        env = "KAFKA_OPTIONS",
-        default_value = "",
-        hide_default_value = true,
-        hide_env_values = true
-    )]
-    pub kafka_options: KafkaOptions,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 
     /// Longest wait for the broker to acknowledge an event before CreateOrder
     /// answers UNAVAILABLE (for example "5s", "800ms"); at most 10s.
     #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_publish_timeout)]
     pub publish_timeout: Duration,
-
-    /// How long start-up waits for the broker to answer and the topic to exist.
-    #[arg(long, env = "KAFKA_STARTUP_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub kafka_startup_timeout: Duration,
 
     /// How long shutdown waits for in-flight calls and the producer flush.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -122,9 +98,6 @@ pub struct Config {
     #[arg(long, env = "AUTH_ADMIN_SCOPE", default_value = "orders:admin")]
     pub auth_admin_scope: String,
 
-    #[command(flatten)]
-    pub kafka_security: KafkaSecurity,
-
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -155,8 +128,8 @@ impl Config {
         let mut config = Config::parse_from(["order-svc"]);
         config.grpc_addr = ([127, 0, 0, 1], 0).into();
         config.metrics_addr = ([127, 0, 0, 1], 0).into();
-        config.kafka_brokers = brokers.to_owned();
-        config.orders_topic = topic.to_owned();
+        config.kafka.brokers = brokers.to_owned();
+        config.kafka.topic = topic.to_owned();
         config
     }
 }

@@ -63,43 +63,37 @@ impl Application {
     /// Checks that the broker answers and the topic exists, creates the
     /// producer, and binds the gRPC and operations listeners.
     pub async fn build(config: Config) -> Result<Self, Error> {
-        if config.orders_topic.trim().is_empty() {
+        if config.kafka.topic.trim().is_empty() {
             return Err(Error::Config("ORDERS_TOPIC must not be empty".into()));
         }
         if config.ce_source.trim().is_empty() {
             return Err(Error::Config("CE_SOURCE must not be empty".into()));
         }
-        config.kafka_security.validate().map_err(Error::Config)?;
+        config.kafka.security.validate().map_err(Error::Config)?;
         let tls = tls_config(&config)?;
         let auth = Authenticator::from_config(&config)?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let defaults = producer_defaults(config.publish_timeout);
-        let mut client_config = kafka::client_config(
-            &config.kafka_brokers,
-            kafka::Role::Producer,
-            defaults,
-            &config.kafka_options,
-        );
-        config.kafka_security.apply(&mut client_config);
+        let client_config = config.kafka.client_config(kafka::Role::Producer, defaults);
         let publisher = Arc::new(Publisher::new(
             client_config,
-            config.orders_topic.clone(),
+            config.kafka.topic.clone(),
             config.publish_timeout,
             metrics.clone(),
         )?);
 
         let producer = publisher.producer();
         let (brokers, topic, timeout) = (
-            config.kafka_brokers.clone(),
-            config.orders_topic.clone(),
-            config.kafka_startup_timeout,
+            config.kafka.brokers.clone(),
+            config.kafka.topic.clone(),
+            config.kafka.startup_timeout,
         );
         let partitions =
             tokio::task::spawn_blocking(move || kafka::check_topic(producer.client(), &brokers, &topic, timeout))
                 .await
                 .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
-        tracing::info!(brokers = %config.kafka_brokers, topic = %config.orders_topic, partitions, "Kafka is reachable");
+        tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topic, partitions, "Kafka is reachable");
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -287,7 +281,7 @@ async fn monitor_broker(
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
         let producer = publisher.producer();
-        let (brokers, topic) = (config.kafka_brokers.clone(), config.orders_topic.clone());
+        let (brokers, topic) = (config.kafka.brokers.clone(), config.kafka.topic.clone());
         let check = tokio::task::spawn_blocking(move || {
             kafka::check_topic(producer.client(), &brokers, &topic, HEALTH_TIMEOUT)
         })

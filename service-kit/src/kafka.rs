@@ -252,6 +252,69 @@ mod tests {
     }
 }
 
+/// The Kafka settings both services take, with the same flags and variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(
+        long = "kafka-brokers",
+        value_name = "KAFKA_BROKERS",
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+
+    /// The topic of the OrderCreated events.
+    #[arg(
+        long = "orders-topic",
+        value_name = "ORDERS_TOPIC",
+        env = "ORDERS_TOPIC",
+        default_value = "orders"
+    )]
+    pub topic: String,
+
+    /// Extra librdkafka properties, "key=value,key=value"; they override the
+    /// service's defaults (for example linger.ms, fetch.wait.max.ms, ssl.*).
+    /// Properties only producers or only consumers understand go to those
+    /// clients only.
+    #[arg(
+        long = "kafka-options",
+        value_name = "KAFKA_OPTIONS",
+        env = "KAFKA_OPTIONS",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub options: KafkaOptions,
+
+    /// How long start-up waits for the broker to answer and the topics to exist.
+    #[arg(
+        long = "kafka-startup-timeout",
+        value_name = "KAFKA_STARTUP_TIMEOUT",
+        env = "KAFKA_STARTUP_TIMEOUT",
+        default_value = "15s",
+        value_parser = humantime::parse_duration
+    )]
+    pub startup_timeout: Duration,
+
+    #[command(flatten)]
+    pub security: KafkaSecurity,
+}
+
+impl KafkaArgs {
+    /// A client configuration for `role`: these brokers, the service's
+    /// `defaults`, `KAFKA_OPTIONS`, then the security settings.
+    pub fn client_config<K, V>(&self, role: Role, defaults: impl IntoIterator<Item = (K, V)>) -> ClientConfig
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut config = client_config(&self.brokers, role, defaults, &self.options);
+        self.security.apply(&mut config);
+        config
+    }
+}
+
 /// How the services authenticate to the brokers and encrypt the connection.
 /// Each setting is a flag and an environment variable; the password is never
 /// printed. (Anything else librdkafka supports goes in `KAFKA_OPTIONS`.)

@@ -19,7 +19,7 @@ async fn settings_that_cannot_work_are_refused_before_anything_starts() {
         .unwrap_err();
     assert!(error.to_string().contains("NOTIFY_WEBHOOK_TIMEOUT"), "{error}");
     config.notify_webhook_timeout = Duration::from_secs(1);
-    config.kafka_options = "enable.auto.offset.store=true".parse().unwrap();
+    config.kafka.options = "enable.auto.offset.store=true".parse().unwrap();
     let error = notify_svc::startup::Application::build(config).await.unwrap_err();
     assert!(error.to_string().contains("enable.auto.offset.store"), "{error}");
 

@@ -232,7 +232,7 @@ pub(crate) struct TestApp {
 /// The test defaults: Tansu client options, fast retries, short grace.
 pub(crate) fn config(broker: &Broker, topic: &str, group: &str, receiver: Option<&Receiver>) -> Config {
     let mut config = Config::for_tests(&broker.addr(), topic, group);
-    config.kafka_options = TANSU_CLIENT_OPTIONS.parse().unwrap();
+    config.kafka.options = TANSU_CLIENT_OPTIONS.parse().unwrap();
     config.notify_webhook_url = receiver.map(Receiver::url);
     config.notify_webhook_timeout = Duration::from_secs(10);
     config.retry_max_attempts = 4;

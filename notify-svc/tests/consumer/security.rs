@@ -15,11 +15,11 @@ use crate::helpers::{Receiver, TestApp, WAIT, config, order_created, order_id};
 const PASSWORD: &str = "n0tify-s3cret";
 
 fn with_sasl(mut config: notify_svc::config::Config, password: &str) -> notify_svc::config::Config {
-    config.kafka_startup_timeout = Duration::from_secs(3);
-    config.kafka_security.kafka_security_protocol = Some("sasl_plaintext".into());
-    config.kafka_security.kafka_sasl_mechanism = Some("SCRAM-SHA-512".into());
-    config.kafka_security.kafka_sasl_username = Some("notify-svc".into());
-    config.kafka_security.kafka_sasl_password = Some(password.parse().unwrap());
+    config.kafka.startup_timeout = Duration::from_secs(3);
+    config.kafka.security.kafka_security_protocol = Some("sasl_plaintext".into());
+    config.kafka.security.kafka_sasl_mechanism = Some("SCRAM-SHA-512".into());
+    config.kafka.security.kafka_sasl_username = Some("notify-svc".into());
+    config.kafka.security.kafka_sasl_password = Some(password.parse().unwrap());
     config
 }
 

@@ -39,7 +39,7 @@ pub(crate) async fn spawn_app_on(
 ) -> Result<TestApp, Error> {
     service_kit::telemetry::init_for_tests("order-svc-tests");
     let mut config = Config::for_tests(&broker.addr(), &topic);
-    config.kafka_options = TANSU_CLIENT_OPTIONS.parse().unwrap();
+    config.kafka.options = TANSU_CLIENT_OPTIONS.parse().unwrap();
     config.publish_timeout = Duration::from_secs(3);
     customize(&mut config);
     let app = Application::build(config).await?;

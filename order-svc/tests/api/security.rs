@@ -325,15 +325,15 @@ async fn kafka_sasl_scram_authenticates_and_the_password_never_shows() {
     let sasl = |password: &str| {
         let password = password.to_owned();
         move |c: &mut order_svc::config::Config| {
-            c.kafka_startup_timeout = Duration::from_secs(3);
-            c.kafka_security.kafka_security_protocol = Some("sasl_plaintext".into());
-            c.kafka_security.kafka_sasl_mechanism = Some("SCRAM-SHA-512".into());
-            c.kafka_security.kafka_sasl_username = Some("order-svc".into());
-            c.kafka_security.kafka_sasl_password = Some(password.parse().unwrap());
+            c.kafka.startup_timeout = Duration::from_secs(3);
+            c.kafka.security.kafka_security_protocol = Some("sasl_plaintext".into());
+            c.kafka.security.kafka_sasl_mechanism = Some("SCRAM-SHA-512".into());
+            c.kafka.security.kafka_sasl_username = Some("order-svc".into());
+            c.kafka.security.kafka_sasl_password = Some(password.parse().unwrap());
         }
     };
     let refused = spawn_app_on(testkit::Broker::start().await.unwrap(), topic.clone(), |c| {
-        c.kafka_security.kafka_security_protocol = Some("sasl_plaintext".into());
+        c.kafka.security.kafka_security_protocol = Some("sasl_plaintext".into());
     })
     .await
     .expect_err("sasl without credentials is a configuration error");

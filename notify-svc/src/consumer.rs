@@ -38,9 +38,15 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// `enable.auto.offset.store=false` is the heart of at-least-once: librdkafka
 /// auto-commits only offsets this service stored, after handling. New groups
 /// start at the earliest record so nothing published before they joined is
-/// missed. `queued.max.messages.kbytes` bounds the prefetch memory: 12 MiB
-/// cut the catch-up peak RSS from 108 to ~89 MiB at no measured cost, while
-/// 8 MiB cost a quarter of the catch-up rate (BENCHMARKS.md, tuning).
+/// missed.
+///
+/// Prefetch memory: `queued.max.messages.kbytes` bounds librdkafka's queue
+/// per partition (4 MiB here: a catch-up peaks at ~60 MiB RSS with 3
+/// partitions instead of ~108 MiB at librdkafka's 64 MiB default). A full
+/// queue makes librdkafka wait `fetch.queue.backoff.ms` before fetching that
+/// partition again, 1 s by default: longer than a small queue lasts at
+/// 100k records/s, so the consumer starved (a 8 MiB queue cost a quarter of
+/// the catch-up rate). 10 ms refills it in time (BENCHMARKS.md, tuning (b)).
 pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
     vec![
         ("group.id", group_id.to_owned()),
@@ -50,7 +56,8 @@ pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
         ("auto.offset.reset", "earliest".into()),
         ("enable.partition.eof", "false".into()),
         ("statistics.interval.ms", STATS_INTERVAL.as_millis().to_string()),
-        ("queued.max.messages.kbytes", "12288".into()),
+        ("queued.max.messages.kbytes", "4096".into()),
+        ("fetch.queue.backoff.ms", "10".into()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),
     ]
@@ -405,11 +412,18 @@ impl Pipeline {
         shutdown: &CancellationToken,
         tasks: &mut JoinSet<()>,
     ) -> mpsc::Sender<OwnedMessage> {
-        let key = (message.topic().to_owned(), message.partition());
+        let (topic, partition) = (message.topic(), message.partition());
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(worker) = workers.active.get(&key) {
+        // A scan instead of a lookup: a member has a handful of partitions,
+        // and a lookup would allocate the topic name for every record.
+        if let Some(worker) = workers
+            .active
+            .iter()
+            .find_map(|((t, p), w)| (*p == partition && t == topic).then_some(w))
+        {
             return worker.tx.clone();
         }
+        let key = (topic.to_owned(), partition);
         let after = workers.retiring.remove(&key);
         workers.retiring.retain(|_, done| !done.is_cancelled());
         let (tx, rx) = mpsc::channel(self.buffer.max(1));

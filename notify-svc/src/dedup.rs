@@ -5,10 +5,27 @@
 
 use std::{num::NonZeroUsize, sync::Mutex};
 
+/// An event id as the cache keeps it: order-svc's ids are UUIDs, kept as 16
+/// bytes (no allocation, cheap to hash and compare); any other id verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Id {
+    Uuid(u128),
+    Other(Box<str>),
+}
+
+impl Id {
+    fn of(event_id: &str) -> Self {
+        match uuid::Uuid::try_parse(event_id) {
+            Ok(uuid) => Self::Uuid(uuid.as_u128()),
+            Err(_) => Self::Other(event_id.into()),
+        }
+    }
+}
+
 /// Recently handled event ids.
 #[derive(Debug)]
 pub struct Dedup {
-    seen: Mutex<lru::LruCache<String, ()>>,
+    seen: Mutex<lru::LruCache<Id, ()>>,
 }
 
 impl Dedup {
@@ -24,7 +41,7 @@ impl Dedup {
         self.seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(event_id)
+            .get(&Id::of(event_id))
             .is_some()
     }
 
@@ -33,7 +50,7 @@ impl Dedup {
         self.seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .put(event_id.to_owned(), ());
+            .put(Id::of(event_id), ());
     }
 }
 
@@ -51,5 +68,18 @@ mod tests {
         d.mark("c");
         assert!(!d.seen("b"), "least recently used id is forgotten");
         assert!(d.seen("a") && d.seen("c"));
+    }
+
+    #[test]
+    fn uuids_and_other_ids_are_told_apart_exactly() {
+        let d = Dedup::new(NonZeroUsize::new(8).unwrap());
+        let a = "0192f3c4-7b1e-7cc0-9a57-6f1d2c3b4a59";
+        let b = "0192f3c4-7b1e-7cc0-9a57-6f1d2c3b4a5a";
+        d.mark(a);
+        assert!(d.seen(a));
+        assert!(!d.seen(b), "a UUID one bit away is another event");
+        assert!(!d.seen("evt-1"));
+        d.mark("evt-1");
+        assert!(d.seen("evt-1") && !d.seen("evt-2"));
     }
 }

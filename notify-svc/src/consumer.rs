@@ -41,12 +41,13 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// missed.
 ///
 /// Prefetch memory: `queued.max.messages.kbytes` bounds librdkafka's queue
-/// per partition (4 MiB here: a catch-up peaks at ~60 MiB RSS with 3
-/// partitions instead of ~108 MiB at librdkafka's 64 MiB default). A full
-/// queue makes librdkafka wait `fetch.queue.backoff.ms` before fetching that
-/// partition again, 1 s by default: longer than a small queue lasts at
-/// 100k records/s, so the consumer starved (a 8 MiB queue cost a quarter of
-/// the catch-up rate). 10 ms refills it in time (BENCHMARKS.md, tuning (b)).
+/// per partition. When it is full librdkafka waits `fetch.queue.backoff.ms`
+/// before fetching that partition again: 1 s by default, longer than a small
+/// queue lasts at 100k records/s, so the consumer starved (8 MiB queues cost
+/// a quarter of the catch-up rate). With a 10 ms backoff 2 MiB queues keep
+/// up: a catch-up of 3 partitions peaks at ~47 MiB RSS (4 MiB: ~61 MiB for
+/// ~3% more speed; 16 MiB with the 1 s backoff: ~108 MiB and slower).
+/// BENCHMARKS.md, tuning (b).
 pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
     vec![
         ("group.id", group_id.to_owned()),
@@ -56,7 +57,7 @@ pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
         ("auto.offset.reset", "earliest".into()),
         ("enable.partition.eof", "false".into()),
         ("statistics.interval.ms", STATS_INTERVAL.as_millis().to_string()),
-        ("queued.max.messages.kbytes", "4096".into()),
+        ("queued.max.messages.kbytes", "2048".into()),
         ("fetch.queue.backoff.ms", "10".into()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),

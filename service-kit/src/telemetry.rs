@@ -124,8 +124,13 @@ where
     };
     // Spans reach the OpenTelemetry layer at INFO whatever RUST_LOG says, so
     // trace context keeps flowing when an operator turns logs down.
+    // Without busy/idle time and thread attributes: both are work on every
+    // span enter and exit (clock reads) or creation, on every call and record,
+    // for attributes a trace backend already derives or rarely needs.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
         .with_filter(LevelFilter::INFO);
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))

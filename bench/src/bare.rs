@@ -1,6 +1,7 @@
 //! The gRPC ceilings: a bare `OrderService` that answers a fixed order at
 //! once (ceiling 1), or after one rdkafka produce with the service's producer
-//! settings has been acknowledged (ceiling 2). No validation, metrics,
+//! settings, through order-svc's produce path (`AckProducer`), has been
+//! acknowledged (ceiling 2). No validation, metrics,
 //! tracing or idempotency: what any service built from tonic + rdkafka can
 //! reach on this machine.
 
@@ -10,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use order_svc::producer::AckProducer;
 use orders_contract::{
     envelope::Record,
     v1::{
@@ -17,10 +19,7 @@ use orders_contract::{
         order_service_server::{OrderService, OrderServiceServer},
     },
 };
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-};
+use rdkafka::message::{Header, OwnedHeaders};
 use service_kit::kafka::{KafkaOptions, Role, client_config};
 use tonic::{Request, Response, Status};
 
@@ -51,7 +50,7 @@ struct BareApi {
     /// Varies the record key per call so records spread over the partitions,
     /// as order ids do.
     calls: AtomicU64,
-    producer: Option<(FutureProducer, String)>,
+    producer: Option<(AckProducer, String)>,
     record: Record,
     order: Order,
 }
@@ -84,18 +83,11 @@ impl OrderService for BareApi {
     ) -> Result<Response<CreateOrderResponse>, Status> {
         if let Some((producer, topic)) = &self.producer {
             let key = format!("{:016x}", self.calls.fetch_add(1, Ordering::Relaxed));
-            let record = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&self.record.value)
-                .headers(headers(&self.record));
+            // order-svc's produce path: `AckProducer`, acks served on the runtime.
             let delivery = producer
-                .send_result(record)
-                .map_err(|(e, _)| Status::unavailable(e.to_string()))?;
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(Status::unavailable(e.to_string())),
-                Err(_) => return Err(Status::unavailable("producer dropped")),
-            }
+                .send(topic, &key, &self.record.value, headers(&self.record))
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            delivery.await.map_err(|e| Status::unavailable(e.to_string()))?;
         }
         Ok(Response::new(CreateOrderResponse {
             order: Some(self.order.clone()),
@@ -108,7 +100,7 @@ impl OrderService for BareApi {
 pub async fn serve(addr: SocketAddr, kafka: Option<KafkaTarget>, nodelay: bool) -> anyhow::Result<()> {
     let producer = match &kafka {
         Some(k) => {
-            let producer: FutureProducer = service_producer_config(&k.brokers, &k.options).create()?;
+            let producer = AckProducer::new(&service_producer_config(&k.brokers, &k.options))?;
             Some((producer, k.topic.clone()))
         }
         None => None,

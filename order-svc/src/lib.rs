@@ -8,5 +8,7 @@ pub mod domain;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;
+#[allow(unsafe_code)]
+pub mod producer;
 pub mod publisher;
 pub mod startup;

@@ -3,8 +3,9 @@
 //! labelled as go-grpc-prometheus does so existing dashboards fit).
 
 use std::{
+    collections::HashMap,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -58,6 +59,50 @@ pub struct Metrics {
     pub produce_seconds: Histogram,
     /// `kafka_produce_errors_total`.
     pub produce_errors: Counter,
+    /// Each route's series of `handling_seconds` and `handled`, resolved
+    /// once, so a call costs no label allocation or family lookup.
+    routes: RwLock<HashMap<Box<str>, Arc<RouteMetrics>>>,
+}
+
+/// Most routes [`Metrics`] keeps resolved series for; calls to further
+/// (unknown) paths look their series up each time, as before.
+const MAX_CACHED_ROUTES: usize = 64;
+
+/// The gRPC status codes, by number (0..=16).
+const CODES: usize = 17;
+
+/// One route's series: the same ones the families hand out, resolved once.
+#[derive(Debug)]
+struct RouteMetrics {
+    labels: MethodLabels,
+    handling_seconds: Histogram,
+    /// `grpc_server_handled_total` by status code, created on first use (so
+    /// a code's series appears when it first happens, as without the cache).
+    handled: [OnceLock<Counter>; CODES],
+}
+
+impl RouteMetrics {
+    fn new(metrics: &Metrics, labels: MethodLabels) -> Self {
+        Self {
+            handling_seconds: metrics.handling_seconds.get_or_create(&labels).clone(),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+            labels,
+        }
+    }
+
+    fn handled(&self, metrics: &Metrics, code: tonic::Code) -> &Counter {
+        let index = code as usize;
+        self.handled[index.min(CODES - 1)].get_or_init(|| {
+            metrics
+                .handled
+                .get_or_create(&HandledLabels {
+                    grpc_service: self.labels.grpc_service.clone(),
+                    grpc_method: self.labels.grpc_method.clone(),
+                    grpc_code: code_name(code),
+                })
+                .clone()
+        })
+    }
 }
 
 impl Metrics {
@@ -69,6 +114,7 @@ impl Metrics {
             handling_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             produce_seconds: Histogram::new(latency_buckets()),
             produce_errors: Counter::default(),
+            routes: RwLock::new(HashMap::new()),
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -97,6 +143,27 @@ impl Metrics {
             metrics.produce_errors.clone(),
         );
         metrics
+    }
+
+    /// The series of the route at `path` (`/package.Service/Method`).
+    fn route(&self, path: &str) -> Arc<RouteMetrics> {
+        if let Some(route) = self.routes.read().unwrap_or_else(|e| e.into_inner()).get(path) {
+            return route.clone();
+        }
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let labels = MethodLabels {
+            grpc_service: parts.next().unwrap_or_default().to_owned(),
+            grpc_method: parts.next().unwrap_or_default().to_owned(),
+        };
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(route) = routes.get(path) {
+            return route.clone();
+        }
+        let route = Arc::new(RouteMetrics::new(self, labels));
+        if routes.len() < MAX_CACHED_ROUTES {
+            routes.insert(path.into(), route.clone());
+        }
+        route
     }
 }
 
@@ -135,7 +202,7 @@ pub struct GrpcMetrics<S> {
 #[derive(Debug)]
 struct Outcome {
     metrics: Arc<Metrics>,
-    labels: MethodLabels,
+    route: Arc<RouteMetrics>,
     started: Instant,
     done: bool,
 }
@@ -145,18 +212,10 @@ impl Outcome {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        self.metrics
+        self.route
             .handling_seconds
-            .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
-        self.metrics
-            .handled
-            .get_or_create(&HandledLabels {
-                grpc_service: self.labels.grpc_service.clone(),
-                grpc_method: self.labels.grpc_method.clone(),
-                grpc_code: code_name(code),
-            })
-            .inc();
+        self.route.handled(&self.metrics, code).inc();
     }
 }
 
@@ -196,15 +255,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let path = req.uri().path();
-        let mut parts = path.trim_start_matches('/').splitn(2, '/');
-        let labels = MethodLabels {
-            grpc_service: parts.next().unwrap_or_default().to_owned(),
-            grpc_method: parts.next().unwrap_or_default().to_owned(),
-        };
         let mut outcome = Outcome {
+            route: self.metrics.route(req.uri().path()),
             metrics: self.metrics.clone(),
-            labels,
             started: Instant::now(),
             done: false,
         };

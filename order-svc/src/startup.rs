@@ -17,7 +17,6 @@ use std::{
 
 use orders_contract::v1::order_service_server::OrderServiceServer;
 use prometheus_client::registry::Registry;
-use rdkafka::producer::Producer;
 use service_kit::{kafka, ops};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

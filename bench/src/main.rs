@@ -7,6 +7,11 @@ use bench::{bare, loadgen, procs, run, stats::Percentiles};
 use clap::{Args, Parser, Subcommand};
 use service_kit::kafka::KafkaOptions;
 
+// The services' allocator, so that the ceilings served from this binary
+// (`serve-bare`) are built from the same parts as order-svc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",

@@ -8,6 +8,11 @@ use order_svc::{
 };
 use service_kit::{ops, shutdown::shutdown_signal, telemetry};
 
+// mimalloc instead of glibc's malloc: every call allocates (h2 frames, the
+// order, its event and headers, librdkafka's message copy); BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

@@ -183,15 +183,32 @@ impl CpuWindow {
     /// "machine 97% | broker 80% | order-svc 60% | ..." (per-process figures
     /// in % of one core; the machine's in % of all cores).
     pub fn finish(&self) -> String {
+        self.report(None)
+    }
+
+    /// As [`finish`](Self::finish), each figure followed by its CPU time per
+    /// item at `per_second` items/s ("order-svc 60% 41us"): the cost of one
+    /// call, which moves far less between runs than a saturated throughput.
+    pub fn finish_per(&self, per_second: f64) -> String {
+        self.report(Some(per_second))
+    }
+
+    fn report(&self, per_second: Option<f64>) -> String {
         let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let cost = |cores: f64| match per_second {
+            Some(rate) if rate > 0.0 => format!(" {:.0}us", 1e6 * cores / rate),
+            _ => String::new(),
+        };
         let mut parts = Vec::new();
         if let (Some((b0, t0)), Some((b1, t1))) = (self.machine, machine_jiffies()) {
-            let total = (t1 - t0).max(1) as f64;
-            parts.push(format!("machine {:.0}%", 100.0 * (b1 - b0) as f64 / total));
+            let share = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            parts.push(format!("machine {:.0}%{}", 100.0 * share, cost(share * cores)));
         }
         for (name, pid, before) in &self.procs {
             if let (Some(before), Some(after)) = (before, cpu_seconds(*pid)) {
-                parts.push(format!("{name} {:.0}%", 100.0 * (after - before) / wall));
+                let cores = (after - before) / wall;
+                parts.push(format!("{name} {:.0}%{}", 100.0 * cores, cost(cores)));
             }
         }
         parts.join(" | ")

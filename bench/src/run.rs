@@ -248,7 +248,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             ("bench", std::process::id()),
         ]);
         let result = loadgen::run(&spec).await?;
-        let cpu = cpu.finish();
+        let cpu = cpu.finish_per(result.rate());
         // Every call made so far must have been notified.
         let want = prom::value(&before, "notifications_sent_total") + result.ok as f64;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -332,7 +332,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             unit: "msgs/s",
             latency: raw_pct,
             errors: raw_e2e.sent.saturating_sub(raw_e2e.received),
-            cpu: cpu.finish(),
+            cpu: cpu.finish_per(s.rate),
         });
         r.e2e_raw = Some(raw_pct);
     }
@@ -361,7 +361,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             };
             let cpu = CpuWindow::start(&watched(pid));
             let result = loadgen::run(&spec).await?;
-            let cpu = cpu.finish();
+            let cpu = cpu.finish_per(result.rate());
             let row = Row {
                 what: label.to_owned(),
                 concurrency: format!("{c} over {} conn", spec.connections),
@@ -391,7 +391,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             unit: "msgs/s",
             latency: Percentiles::of(&result.latency),
             errors: result.errors,
-            cpu: cpu.finish(),
+            cpu: cpu.finish_per(result.ok as f64 / result.elapsed.as_secs_f64()),
         };
         eprintln!(
             "bench: {RAW_PRODUCE} C={c}: {:.0} msgs/s, {}, errors {} [{}]",
@@ -486,7 +486,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let done = Instant::now();
     let (first_at, first_count) = first.unwrap_or((spawned, 0.0));
     let rate = (sent - first_count) / (done - first_at).as_secs_f64().max(1e-9);
-    let cpu = cpu_from_first.map_or_else(|| cpu.finish(), |c| c.finish());
+    let cpu = cpu_from_first.map_or_else(|| cpu.finish(), |c| c.finish_per(rate));
     eprintln!(
         "bench: notify-svc caught up on {sent} events at {rate:.0} events/s ({:.1} s from start, {:.1} s to the first event) [{cpu}]",
         (done - spawned).as_secs_f64(),
@@ -610,7 +610,7 @@ fn report(s: &Settings, r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| run | concurrency | rate | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | CPU (machine of 2 cores; processes in % of one core) |"
+        "| run | concurrency | rate | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | CPU (machine: % of all cores; processes: % of one core; then CPU time per call or event) |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for row in &r.rows {

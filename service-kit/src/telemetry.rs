@@ -162,27 +162,8 @@ pub fn inject(span: &tracing::Span) -> Vec<(&'static str, String)> {
 
 /// `00-<trace id>-<span id>-<flags>`, as the W3C propagator formats it.
 fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 55];
-    buf[..3].copy_from_slice(b"00-");
-    let mut at = 3;
-    for b in sc.trace_id().to_bytes() {
-        buf[at] = HEX[usize::from(b >> 4)];
-        buf[at + 1] = HEX[usize::from(b & 0xf)];
-        at += 2;
-    }
-    buf[at] = b'-';
-    at += 1;
-    for b in sc.span_id().to_bytes() {
-        buf[at] = HEX[usize::from(b >> 4)];
-        buf[at + 1] = HEX[usize::from(b & 0xf)];
-        at += 2;
-    }
-    buf[at] = b'-';
-    let flags = (sc.trace_flags() & opentelemetry::trace::TraceFlags::SAMPLED).to_u8();
-    buf[at + 1] = HEX[usize::from(flags >> 4)];
-    buf[at + 2] = HEX[usize::from(flags & 0xf)];
-    String::from_utf8(buf.to_vec()).expect("hex digits and dashes are ASCII")
+    let flags = sc.trace_flags() & opentelemetry::trace::TraceFlags::SAMPLED;
+    format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), flags.to_u8())
 }
 
 struct Headers(HashMap<&'static str, String>);

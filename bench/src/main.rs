@@ -49,9 +49,13 @@ struct AllArgs {
     /// Unmeasured warm-up before each run [default: 2s, quick 1s].
     #[arg(long, value_parser = humantime_duration)]
     warmup: Option<Duration>,
-    /// Measured time of each closed-loop run [default: 10s, quick 3s].
+    /// Measured time of each closed-loop run [default: 5s, quick 3s].
     #[arg(long, value_parser = humantime_duration)]
     duration: Option<Duration>,
+    /// Closed-loop rounds: every target once per round at each concurrency;
+    /// rows show the median round [default: 3, quick 1].
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Open-loop rate for the end-to-end comparison, calls/s.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -168,7 +172,8 @@ async fn main() -> anyhow::Result<()> {
                 concurrency: a.concurrency,
                 connections: a.connections,
                 warmup: pick(a.warmup, 2, 1),
-                duration: pick(a.duration, 10, 3),
+                duration: pick(a.duration, 5, 3),
+                rounds: a.rounds.unwrap_or(if q { 1 } else { 3 }),
                 rate: a.rate,
                 e2e_duration: pick(a.e2e_duration, 20, 5),
                 catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),

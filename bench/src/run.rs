@@ -31,6 +31,8 @@ pub struct Settings {
     pub warmup: Duration,
     /// Measured time of each closed-loop run.
     pub duration: Duration,
+    /// Closed-loop rounds (each target once per round, the median reported).
+    pub rounds: usize,
     /// Open-loop rate for the end-to-end comparison.
     pub rate: f64,
     /// Measured time of the open-loop and raw end-to-end runs.
@@ -345,39 +347,80 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         s.concurrency.clone()
     };
     for &c in &concurrency {
-        for (label, url, pid) in [
+        let targets = [
             (BARE, &bare_url, bare.pid()),
             (BARE_KAFKA, &bare_kafka_url, bare_kafka.pid()),
             (ORDER_SVC, &order_url, order_pid),
-        ] {
-            let spec = LoadSpec {
-                target: url.clone(),
-                connections: s.connections.min(c).max(1),
-                concurrency: c,
-                rate: None,
-                duration: s.duration,
-                warmup: s.warmup,
-                track_orders: false,
-            };
-            let cpu = CpuWindow::start(&watched(pid));
-            let result = loadgen::run(&spec).await?;
-            let cpu = cpu.finish_per(result.rate());
-            let row = Row {
-                what: label.to_owned(),
-                concurrency: format!("{c} over {} conn", spec.connections),
-                rate: result.rate(),
-                unit: "calls/s",
-                latency: Percentiles::of(&result.latency),
-                errors: result.errors,
-                cpu,
-            };
-            eprintln!(
-                "bench: {label} C={c}: {:.0} calls/s, {}, errors {} [{}]",
-                row.rate, row.latency, row.errors, row.cpu
-            );
-            if let Some(e) = &result.first_error {
-                note(&mut r, format!("{label} C={c}: first error: {e}"));
+        ];
+        let connections = s.connections.min(c).max(1);
+        // Rounds of all three back to back: the machine drifts by 10-20%
+        // within minutes, so a ratio is taken within each round and the
+        // rows report the median round.
+        let mut runs: Vec<Vec<(loadgen::LoadResult, String)>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 1..=s.rounds.max(1) {
+            for (i, (label, url, pid)) in targets.iter().enumerate() {
+                let spec = LoadSpec {
+                    target: (*url).clone(),
+                    connections,
+                    concurrency: c,
+                    rate: None,
+                    duration: s.duration,
+                    warmup: s.warmup,
+                    track_orders: false,
+                };
+                let cpu = CpuWindow::start(&watched(*pid));
+                let result = loadgen::run(&spec).await?;
+                let cpu = cpu.finish_per(result.rate());
+                eprintln!(
+                    "bench: {label} C={c} round {round}: {:.0} calls/s, {}, errors {} [{cpu}]",
+                    result.rate(),
+                    Percentiles::of(&result.latency),
+                    result.errors
+                );
+                if let Some(e) = &result.first_error {
+                    note(&mut r, format!("{label} C={c} round {round}: first error: {e}"));
+                }
+                runs[i].push((result, cpu));
             }
+        }
+        let rates = |i: usize| runs[i].iter().map(|(res, _)| res.rate()).collect::<Vec<_>>();
+        if runs[0].len() > 1 {
+            let ratio = |num: usize, den: usize| {
+                rates(num)
+                    .iter()
+                    .zip(rates(den))
+                    .map(|(n, d)| format!("{:.2}", n / d.max(1e-9)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            note(
+                &mut r,
+                format!(
+                    "C={c}, per round: CreateOrder / ceiling 2 = {}; CreateOrder / ceiling 1 = {}",
+                    ratio(2, 1),
+                    ratio(2, 0)
+                ),
+            );
+        }
+        for (i, (label, _, _)) in targets.iter().enumerate() {
+            let mut order: Vec<usize> = (0..runs[i].len()).collect();
+            order.sort_by(|&x, &y| runs[i][x].0.rate().total_cmp(&runs[i][y].0.rate()));
+            let (median, cpu) = &runs[i][order[order.len() / 2]];
+            let mut latency = median.latency.clone();
+            for (res, _) in &runs[i] {
+                if !std::ptr::eq(res, median) {
+                    latency.add(&res.latency)?;
+                }
+            }
+            let row = Row {
+                what: (*label).to_owned(),
+                concurrency: format!("{c} over {connections} conn"),
+                rate: median.rate(),
+                unit: "calls/s",
+                latency: Percentiles::of(&latency),
+                errors: runs[i].iter().map(|(res, _)| res.errors).sum(),
+                cpu: cpu.clone(),
+            };
             r.rates.insert((label, c), row.rate);
             r.p50.insert((label, c), row.latency.p50);
             r.rows.push(row);

@@ -2,20 +2,35 @@
 //!
 //! [`init`] installs one subscriber per process: human-readable lines by
 //! default or one JSON object per line (`LOG_FORMAT=json`), filtered by
-//! `RUST_LOG` (default `info`); an OpenTelemetry layer that gives every span a
-//! trace id, exporting over OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! `RUST_LOG` (default `info`); and W3C trace context for every span. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set, the OpenTelemetry layer records spans and
+//! exports them over OTLP. Without it nothing would receive the spans, so a
+//! small propagation-only layer gives each span its trace id and span id (a
+//! child of its parent's) and records nothing: the OpenTelemetry layer cost
+//! ~3 us per record in notify-svc's catch-up and ~5 us per call in order-svc
+//! (BENCHMARKS.md) for span data that was thrown away.
 //! [`inject`] and [`continue_trace`] carry a trace across Kafka in the
-//! `traceparent` / `tracestate` record headers.
+//! `traceparent` / `tracestate` record headers, in either mode.
 
 use std::collections::HashMap;
 
 use opentelemetry::{
     propagation::{Extractor, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _},
 };
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider},
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry,
+    filter::LevelFilter,
+    layer::SubscriberExt,
+    registry::{LookupSpan, SpanData},
+    util::SubscriberInitExt,
+};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -105,7 +120,8 @@ where
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut builder =
         SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service).build());
-    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+    let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    if exporting {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         builder = builder.with_batch_exporter(exporter);
     }
@@ -122,19 +138,23 @@ where
             .with_span_list(false)
             .boxed(),
     };
-    // Spans reach the OpenTelemetry layer at INFO whatever RUST_LOG says, so
-    // trace context keeps flowing when an operator turns logs down.
+    // Spans reach the trace layer at INFO whatever RUST_LOG says, so trace
+    // context keeps flowing when an operator turns logs down.
     // Without busy/idle time and thread attributes: both are work on every
     // span enter and exit (clock reads) or creation, on every call and record,
     // for attributes a trace backend already derives or rarely needs.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_filter(LevelFilter::INFO);
+    let otel = exporting.then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_filter(LevelFilter::INFO)
+    });
+    let propagation = (!exporting).then(|| Propagation.with_filter(LevelFilter::INFO));
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel)
+        .with(propagation)
         .try_init()?;
     Ok(Telemetry { provider })
 }
@@ -145,9 +165,8 @@ where
 /// Writes exactly what `TraceContextPropagator::inject_context` writes, without
 /// its map and intermediate strings (this runs once per published record).
 pub fn inject(span: &tracing::Span) -> Vec<(&'static str, String)> {
-    let cx = span.context();
-    let span_ref = cx.span();
-    let sc = span_ref.span_context();
+    let sc = span_context(span);
+    let sc = &sc;
     let mut out = Vec::with_capacity(2);
     if !sc.is_valid() {
         return out;
@@ -191,16 +210,90 @@ pub fn continue_trace(span: &tracing::Span, header: impl Fn(&str) -> Option<Stri
         return;
     }
     let cx = TraceContextPropagator::new().extract(&Headers(found));
-    if cx.span().span_context().is_valid() {
+    let remote = cx.span().span_context().clone();
+    if !remote.is_valid() {
+        return;
+    }
+    let adopted = with_propagated(span, |own| {
+        *own = SpanContext::new(
+            remote.trace_id(),
+            own.span_id(),
+            remote.trace_flags(),
+            false,
+            remote.trace_state().clone(),
+        )
+    });
+    if adopted.is_none() {
         let _ = span.set_parent(cx);
     }
 }
 
 /// The trace id of `span` as 32 lower-case hex digits, if it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
+    let sc = span_context(span);
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// `span`'s W3C span context, from whichever trace layer is installed.
+fn span_context(span: &tracing::Span) -> SpanContext {
+    with_propagated(span, |sc| sc.clone()).unwrap_or_else(|| span.context().span().span_context().clone())
+}
+
+/// The span context the propagation-only layer keeps for a span.
+#[derive(Debug, Clone)]
+struct Propagated(SpanContext);
+
+/// Runs `f` on `span`'s context kept by [`Propagation`]; `None` when that
+/// layer is not installed (an exporter is) or the span is disabled.
+fn with_propagated<R>(span: &tracing::Span, f: impl FnOnce(&mut SpanContext) -> R) -> Option<R> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<Registry>()?;
+        let data = registry.span_data(id)?;
+        let mut extensions = data.extensions_mut();
+        extensions.get_mut::<Propagated>().map(|p| f(&mut p.0))
+    })
+    .flatten()
+}
+
+/// Gives every span a W3C span context without recording anything: a new
+/// span id, and the trace id, flags and trace state of its parent span (or of
+/// the remote parent [`continue_trace`] finds), or a new sampled trace.
+#[derive(Debug, Clone, Copy)]
+struct Propagation;
+
+impl<S> Layer<S> for Propagation
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let Some(span) = ctx.span(id) else { return };
+        let ids = RandomIdGenerator::default();
+        let parent = span
+            .parent()
+            .and_then(|p| p.extensions().get::<Propagated>().map(|p| p.0.clone()));
+        let sc = match parent {
+            Some(parent) => SpanContext::new(
+                parent.trace_id(),
+                ids.new_span_id(),
+                parent.trace_flags(),
+                false,
+                parent.trace_state().clone(),
+            ),
+            None => SpanContext::new(
+                ids.new_trace_id(),
+                ids.new_span_id(),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+        };
+        span.extensions_mut().insert(Propagated(sc));
+    }
 }
 
 #[cfg(test)]
@@ -225,5 +318,72 @@ mod tests {
             TraceContextPropagator::new().inject_context(&cx, &mut carrier);
             assert_eq!(traceparent(&sc), carrier["traceparent"]);
         }
+    }
+
+    fn parts(headers: &[(&'static str, String)]) -> (String, String, String) {
+        let (name, value) = &headers[0];
+        assert_eq!(*name, "traceparent");
+        let p: Vec<&str> = value.split('-').collect();
+        assert_eq!((p.len(), p[0]), (4, "00"), "{value}");
+        (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+    }
+
+    /// Without an exporter: ids for every span, children in their parent's trace.
+    #[test]
+    fn propagation_only_spans_have_w3c_ids_and_share_their_parents_trace() {
+        let subscriber = tracing_subscriber::registry().with(Propagation);
+        tracing::subscriber::with_default(subscriber, || {
+            let root = tracing::info_span!("root");
+            let (trace, root_span_id, flags) = parts(&inject(&root));
+            assert_eq!(
+                flags, "01",
+                "a new trace is sampled, as OpenTelemetry's default sampler does"
+            );
+            assert_eq!(trace_id(&root).as_deref(), Some(trace.as_str()));
+            let child = root.in_scope(|| tracing::info_span!("child"));
+            let (child_trace, child_span_id, _) = parts(&inject(&child));
+            assert_eq!(child_trace, trace);
+            assert_ne!(child_span_id, root_span_id);
+            let other = tracing::info_span!("other");
+            assert_ne!(
+                trace_id(&other),
+                trace_id(&root),
+                "a span with no parent starts its own trace"
+            );
+        });
+    }
+
+    /// Without an exporter: a remote parent's trace id, flags and state are adopted.
+    #[test]
+    fn propagation_only_continues_a_remote_trace() {
+        let subscriber = tracing_subscriber::registry().with(Propagation);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("event");
+            continue_trace(&span, |name| match name {
+                "traceparent" => Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into()),
+                "tracestate" => Some("vendor=x".into()),
+                _ => None,
+            });
+            let headers = inject(&span);
+            let (trace, span_id, flags) = parts(&headers);
+            assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_ne!(
+                span_id, "00f067aa0ba902b7",
+                "the span is the remote span's child, not the remote span"
+            );
+            assert_eq!(flags, "00", "the caller's sampling decision is kept");
+            assert_eq!(headers.get(1), Some(&("tracestate", "vendor=x".to_owned())));
+            let child = span.in_scope(|| tracing::info_span!("child"));
+            assert_eq!(trace_id(&child).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+
+            let keeps = tracing::info_span!("keeps");
+            let before = trace_id(&keeps);
+            continue_trace(&keeps, |_| Some("not a traceparent".into()));
+            assert_eq!(
+                trace_id(&keeps),
+                before,
+                "an invalid header leaves the span's own trace"
+            );
+        });
     }
 }

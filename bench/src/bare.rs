@@ -109,7 +109,8 @@ pub async fn serve(addr: SocketAddr, kafka: Option<KafkaTarget>, nodelay: bool) 
     let api = BareApi {
         calls: AtomicU64::new(0),
         producer,
-        record: orders_contract::envelope::encode_order_created(&event, "/bench"),
+        // The record order-svc would publish: CloudEvents headers and a traceparent.
+        record: raw::sample_record(0),
         order: event.order.clone().unwrap_or_default(),
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -36,8 +36,8 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct AllArgs {
-    /// Short runs (1 s warm-up, 3 s per closed-loop run, 5 s open loop,
-    /// 100,000 catch-up records) for a quick check.
+    /// Short runs (1 s warm-up, 3 s per closed-loop run, 2 rounds, 5 s open
+    /// loop, 100,000 catch-up records) for a quick check.
     #[arg(long)]
     quick: bool,
     /// Closed-loop concurrencies, comma-separated.
@@ -52,8 +52,9 @@ struct AllArgs {
     /// Measured time of each closed-loop run [default: 5s, quick 3s].
     #[arg(long, value_parser = humantime_duration)]
     duration: Option<Duration>,
-    /// Closed-loop rounds: every target once per round at each concurrency;
-    /// rows show the median round [default: 3, quick 1].
+    /// Closed-loop rounds: every target once per round at each concurrency,
+    /// the order reversed every other round; rows pool all rounds
+    /// [default: 4, quick 2].
     #[arg(long)]
     rounds: Option<usize>,
     /// Open-loop rate for the end-to-end comparison, calls/s.
@@ -173,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
                 connections: a.connections,
                 warmup: pick(a.warmup, 2, 1),
                 duration: pick(a.duration, 5, 3),
-                rounds: a.rounds.unwrap_or(if q { 1 } else { 3 }),
+                rounds: a.rounds.unwrap_or(if q { 2 } else { 4 }),
                 rate: a.rate,
                 e2e_duration: pick(a.e2e_duration, 20, 5),
                 catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),

@@ -31,7 +31,8 @@ pub struct Settings {
     pub warmup: Duration,
     /// Measured time of each closed-loop run.
     pub duration: Duration,
-    /// Closed-loop rounds (each target once per round, the median reported).
+    /// Closed-loop rounds (each target once per round, order reversed every
+    /// other round; rows pool all rounds).
     pub rounds: usize,
     /// Open-loop rate for the end-to-end comparison.
     pub rate: f64,
@@ -355,12 +356,20 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             (ORDER_SVC, &order_url, order_pid),
         ];
         let connections = s.connections.min(c).max(1);
-        // Rounds of all three back to back: the machine drifts by 10-20%
-        // within minutes, so a ratio is taken within each round and the
-        // rows report the median round.
+        // Rounds of all three back to back, the order reversed every other
+        // round (ceiling 1, ceiling 2, CreateOrder; then CreateOrder,
+        // ceiling 2, ceiling 1): the machine drifts by 10-20% within minutes
+        // and runs that follow each other see the most similar machine, so
+        // neither ceiling 2 nor CreateOrder always goes second. Rows pool
+        // every round (calls over measured time, latencies merged).
         let mut runs: Vec<Vec<(loadgen::LoadResult, String)>> = targets.iter().map(|_| Vec::new()).collect();
         for round in 1..=s.rounds.max(1) {
-            for (i, (label, url, pid)) in targets.iter().enumerate() {
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for i in order {
+                let (label, url, pid) = &targets[i];
                 let spec = LoadSpec {
                     target: (*url).clone(),
                     connections,
@@ -386,42 +395,47 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             }
         }
         let rates = |i: usize| runs[i].iter().map(|(res, _)| res.rate()).collect::<Vec<_>>();
+        let pooled = |i: usize| {
+            let ok: u64 = runs[i].iter().map(|(res, _)| res.ok).sum();
+            let secs: f64 = runs[i].iter().map(|(res, _)| res.elapsed.as_secs_f64()).sum();
+            ok as f64 / secs.max(1e-9)
+        };
         if runs[0].len() > 1 {
             let ratio = |num: usize, den: usize| {
-                rates(num)
+                let each = rates(num)
                     .iter()
                     .zip(rates(den))
                     .map(|(n, d)| format!("{:.2}", n / d.max(1e-9)))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", ");
+                format!("{:.2} (rounds {each})", pooled(num) / pooled(den).max(1e-9))
             };
             note(
                 &mut r,
                 format!(
-                    "C={c}, per round: CreateOrder / ceiling 2 = {}; CreateOrder / ceiling 1 = {}",
+                    "C={c}, all rounds pooled: CreateOrder / ceiling 2 = {}; CreateOrder / ceiling 1 = {}",
                     ratio(2, 1),
                     ratio(2, 0)
                 ),
             );
         }
         for (i, (label, _, _)) in targets.iter().enumerate() {
-            let mut order: Vec<usize> = (0..runs[i].len()).collect();
-            order.sort_by(|&x, &y| runs[i][x].0.rate().total_cmp(&runs[i][y].0.rate()));
-            let (median, cpu) = &runs[i][order[order.len() / 2]];
-            let mut latency = median.latency.clone();
-            for (res, _) in &runs[i] {
-                if !std::ptr::eq(res, median) {
-                    latency.add(&res.latency)?;
-                }
+            // CPU from the median round (by rate); rate and latency from all.
+            let mut by_rate: Vec<usize> = (0..runs[i].len()).collect();
+            by_rate.sort_by(|&x, &y| runs[i][x].0.rate().total_cmp(&runs[i][y].0.rate()));
+            let cpu = runs[i][by_rate[by_rate.len() / 2]].1.clone();
+            let mut latency = runs[i][0].0.latency.clone();
+            for (res, _) in &runs[i][1..] {
+                latency.add(&res.latency)?;
             }
             let row = Row {
                 what: (*label).to_owned(),
                 concurrency: format!("{c} over {connections} conn"),
-                rate: median.rate(),
+                rate: pooled(i),
                 unit: "calls/s",
                 latency: Percentiles::of(&latency),
                 errors: runs[i].iter().map(|(res, _)| res.errors).sum(),
-                cpu: cpu.clone(),
+                cpu,
             };
             r.rates.insert((label, c), row.rate);
             r.p50.insert((label, c), row.latency.p50);

@@ -74,10 +74,29 @@ async fn order_in_notification_out() {
     let mut invalid = order("carol");
     invalid.currency = "eur".into();
     invalid.items[0].quantity = 0;
+    let refused_trace = format!("{:032x}", nanos | 1 << 101);
+    let mut request = tonic::Request::new(invalid);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{refused_trace}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("valid metadata"),
+    );
     let status = client
-        .create_order(invalid)
+        .create_order(request)
         .await
         .expect_err("an invalid order is refused");
+    // Logged, in the caller's trace.
+    let refused = orders
+        .service
+        .wait_for_line(&["order refused", &refused_trace], Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        field(&refused, "trace_id").as_deref(),
+        Some(refused_trace.as_str()),
+        "{refused}"
+    );
+    assert!(refused.contains("currency"), "the reason is logged: {refused}");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("currency"), "{status:?}");
     let fields: Vec<String> = status

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::helpers::{NOTIFICATION, OrderSvc, broker_with_topic, notify_env, order, start_notify};
+use crate::helpers::{NOTIFICATION, OrderSvc, broker_with_topic, field, notify_env, order, start_notify};
 
 fn tansu_log(broker: &testkit::Broker) -> String {
     let log = std::fs::read_to_string(broker.dir().join("tansu.log")).unwrap_or_default();
@@ -61,6 +61,15 @@ async fn broker_outage() {
         unavailable_after < Duration::from_secs(15),
         "UNAVAILABLE took {unavailable_after:?}"
     );
+    // The failure is logged with the call's fields: who, which order, which trace.
+    let failed = orders
+        .service
+        .wait_for_line(&["order failed", "during"], Duration::from_secs(5))
+        .await;
+    assert_eq!(field(&failed, "user_id").as_deref(), Some("during"), "{failed}");
+    for name in ["order_id", "event_id", "trace_id"] {
+        assert!(field(&failed, name).is_some_and(|v| v.len() >= 32), "{name}: {failed}");
+    }
 
     // Broker back (same port, same data): orders flow again, no restarts.
     broker.restart().await.expect("the broker restarts");

@@ -6,6 +6,8 @@
 //! `ce_type`, `ce_source`, `ce_time`, `content-type`), so routers and consumers
 //! on any stack can tell what a record is without decoding it.
 
+use std::borrow::Cow;
+
 use prost::Message;
 
 use crate::v1::OrderCreated;
@@ -44,8 +46,9 @@ pub struct Record {
     pub key: String,
     /// The encoded event.
     pub value: Vec<u8>,
-    /// CloudEvents headers, in a fixed order.
-    pub headers: Vec<(&'static str, String)>,
+    /// CloudEvents headers, in a fixed order (constant values borrowed: no
+    /// allocation per record for them).
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
 }
 
 /// Encodes an [`OrderCreated`] as a record with its CloudEvents headers.
@@ -63,12 +66,12 @@ pub fn encode_order_created(event: &OrderCreated, source: &str) -> Record {
         key,
         value: event.encode_to_vec(),
         headers: vec![
-            (header::SPECVERSION, SPEC_VERSION.to_owned()),
-            (header::ID, event.event_id.clone()),
-            (header::TYPE, ORDER_CREATED_TYPE.to_owned()),
-            (header::SOURCE, source.to_owned()),
-            (header::TIME, time),
-            (header::CONTENT_TYPE, CONTENT_TYPE.to_owned()),
+            (header::SPECVERSION, Cow::Borrowed(SPEC_VERSION)),
+            (header::ID, Cow::Owned(event.event_id.clone())),
+            (header::TYPE, Cow::Borrowed(ORDER_CREATED_TYPE)),
+            (header::SOURCE, Cow::Owned(source.to_owned())),
+            (header::TIME, Cow::Owned(time)),
+            (header::CONTENT_TYPE, Cow::Borrowed(CONTENT_TYPE)),
         ],
     }
 }

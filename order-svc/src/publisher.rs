@@ -221,8 +221,8 @@ impl Publisher {
         for (key, value) in record
             .headers
             .iter()
-            .map(|(k, v)| (*k, v))
-            .chain(extra_headers.iter().map(|(k, v)| (*k, v)))
+            .map(|(k, v)| (*k, v.as_ref()))
+            .chain(extra_headers.iter().map(|(k, v)| (*k, v.as_str())))
         {
             headers = headers.insert(Header {
                 key,

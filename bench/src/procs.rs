@@ -149,20 +149,29 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Busy and total jiffies of the whole machine.
-fn machine_jiffies() -> Option<(u64, u64)> {
+/// The machine's CPU jiffies: (busy, stolen, total). Busy excludes idle,
+/// I/O wait and steal (time the hypervisor gave this VM's CPUs to someone
+/// else); guest time is already inside user time.
+fn machine_jiffies() -> Option<(u64, u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?;
-    let values: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| values.get(i).copied().unwrap_or(0);
     let total: u64 = values.iter().sum();
-    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    let steal = at(7);
+    Some((total - at(3) - at(4) - steal, steal, total))
 }
 
 /// CPU use over a measured window: the machine's, and named processes'.
 #[derive(Debug)]
 pub struct CpuWindow {
     started: Instant,
-    machine: Option<(u64, u64)>,
+    machine: Option<(u64, u64, u64)>,
     procs: Vec<(String, u32, Option<f64>)>,
 }
 
@@ -200,10 +209,17 @@ impl CpuWindow {
             _ => String::new(),
         };
         let mut parts = Vec::new();
-        if let (Some((b0, t0)), Some((b1, t1))) = (self.machine, machine_jiffies()) {
-            let share = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if let (Some((b0, s0, t0)), Some((b1, s1, t1))) = (self.machine, machine_jiffies()) {
+            let total = (t1 - t0).max(1) as f64;
+            let share = (b1 - b0) as f64 / total;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-            parts.push(format!("machine {:.0}%{}", 100.0 * share, cost(share * cores)));
+            let stolen = (s1 - s0) as f64 / total;
+            let steal = if stolen >= 0.005 {
+                format!(" (steal {:.0}%)", 100.0 * stolen)
+            } else {
+                String::new()
+            };
+            parts.push(format!("machine {:.0}%{}{steal}", 100.0 * share, cost(share * cores)));
         }
         for (name, pid, before) in &self.procs {
             if let (Some(before), Some(after)) = (before, cpu_seconds(*pid)) {

@@ -13,7 +13,7 @@
 //! `traceparent` / `tracestate` record headers, in either mode.
 //!
 //! Even without recording anything, a span costs its creation, enters and
-//! exits, and close in the registry: in order-svc ~7 us of ~45 us of CPU per
+//! exits, and close in the registry: in order-svc ~5 us of ~49 us of CPU per
 //! call (BENCHMARKS.md). A hot path can ask [`exporting`] and, when nothing
 //! exports spans, carry a [`TraceContext`] instead of a span.
 

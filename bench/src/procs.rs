@@ -148,7 +148,6 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
-/// Busy and total jiffies of the whole machine.
 /// The machine's CPU jiffies: (busy, stolen, total). Busy excludes idle,
 /// I/O wait and steal (time the hypervisor gave this VM's CPUs to someone
 /// else); guest time is already inside user time.

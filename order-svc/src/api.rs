@@ -161,13 +161,10 @@ enum Field {
 /// and the trace id. A span per call cost about 10% of order-svc's CPU per
 /// call (BENCHMARKS.md), for nothing when the call succeeds.
 #[derive(Debug)]
-struct Call {
-    inner: CallTrace,
-}
-
-#[derive(Debug)]
-enum CallTrace {
+enum Call {
+    /// The call's own span (spans are exported).
     Span(tracing::Span),
+    /// The call's trace context and the fields known so far.
     Context {
         trace: TraceContext,
         user_id: Option<String>,
@@ -179,33 +176,32 @@ enum CallTrace {
 impl Call {
     /// Starts tracing a call whose request metadata has `header`s.
     fn start(header: impl Fn(&str) -> Option<String>) -> Self {
-        let inner = if telemetry::exporting() {
+        if telemetry::exporting() {
             let span = tracing::info_span!("CreateOrder", order_id = Empty, event_id = Empty, user_id = Empty);
             // Continue the caller's trace when it sent W3C trace context.
             telemetry::continue_trace(&span, header);
-            CallTrace::Span(span)
+            Call::Span(span)
         } else {
-            CallTrace::Context {
+            Call::Context {
                 trace: TraceContext::continue_from(header),
                 user_id: None,
                 order_id: None,
                 event_id: None,
             }
-        };
-        Self { inner }
+        }
     }
 
     /// The call's own span, if it has one.
     fn span(&self) -> Option<&tracing::Span> {
-        match &self.inner {
-            CallTrace::Span(span) => Some(span),
-            CallTrace::Context { .. } => None,
+        match self {
+            Call::Span(span) => Some(span),
+            Call::Context { .. } => None,
         }
     }
 
     fn record(&mut self, field: Field, value: &str) {
-        match &mut self.inner {
-            CallTrace::Span(span) => {
+        match self {
+            Call::Span(span) => {
                 let name = match field {
                     Field::User => "user_id",
                     Field::Order => "order_id",
@@ -213,7 +209,7 @@ impl Call {
                 };
                 span.record(name, value);
             }
-            CallTrace::Context {
+            Call::Context {
                 user_id,
                 order_id,
                 event_id,
@@ -231,17 +227,17 @@ impl Call {
 
     /// W3C trace headers for the event record.
     fn trace_headers(&self) -> Vec<(&'static str, String)> {
-        match &self.inner {
-            CallTrace::Span(span) => telemetry::inject(span),
-            CallTrace::Context { trace, .. } => trace.headers(),
+        match self {
+            Call::Span(span) => telemetry::inject(span),
+            Call::Context { trace, .. } => trace.headers(),
         }
     }
 
     /// The span a log line about this call goes in.
     fn log_span(&self) -> tracing::Span {
-        match &self.inner {
-            CallTrace::Span(span) => span.clone(),
-            CallTrace::Context {
+        match self {
+            Call::Span(span) => span.clone(),
+            Call::Context {
                 trace,
                 user_id,
                 order_id,

@@ -31,15 +31,17 @@ use crate::{metrics::Metrics, producer::AckProducer};
 /// - `linger.ms=0`: the service answers each call as soon as the broker acks,
 ///   so batching delay would be paid by every caller; under load, records still
 ///   batch while earlier requests are in flight (measured in BENCHMARKS.md).
-/// - `max.in.flight.requests.per.connection=1`: one ProduceRequest on the wire
-///   at a time; records produced meanwhile go out together in the next one.
-///   With librdkafka's default (5 per partition with idempotence) and
-///   `linger.ms=0`, concurrent calls were split into many small requests that
-///   the broker serves one after another, and librdkafka's broker thread
-///   spun (`poll()` with a zero timeout) while the in-flight window was full:
-///   1 gave +60% calls/s at 64 concurrent calls, lower p99, and the same
-///   single-call latency (BENCHMARKS.md). Ordering and idempotence are
-///   unchanged.
+/// - `max.in.flight.requests.per.connection=2`: at most two ProduceRequests
+///   on the wire at a time; records produced meanwhile go out together in the
+///   next one. librdkafka sends one request per partition, so with the
+///   default window (5 with idempotence) and `linger.ms=0` concurrent calls
+///   were split into many small requests that the broker serves one after
+///   another, and librdkafka's broker thread spun (`poll()` with a zero
+///   timeout) while the window was full. A window of 1 gave +60% calls/s at
+///   64 concurrent calls over 5; 2 gives another +7-9% at 64 and 256
+///   concurrent calls (two partitions' batches overlap their round trips)
+///   with the same single-call latency, and 3 was slower again (3 partitions,
+///   BENCHMARKS.md). Ordering and idempotence are unchanged.
 /// - `message.timeout.ms` well above `PUBLISH_TIMEOUT`: the service's own
 ///   deadline answers callers; librdkafka's must not fire first (see module docs).
 pub fn producer_defaults(publish_timeout: Duration) -> Vec<(&'static str, String)> {
@@ -48,7 +50,7 @@ pub fn producer_defaults(publish_timeout: Duration) -> Vec<(&'static str, String
         ("acks", "all".into()),
         ("enable.idempotence", "true".into()),
         ("linger.ms", "0".into()),
-        ("max.in.flight.requests.per.connection", "1".into()),
+        ("max.in.flight.requests.per.connection", "2".into()),
         ("socket.nagle.disable", "true".into()),
         ("message.timeout.ms", message_timeout.as_millis().to_string()),
         ("reconnect.backoff.ms", "50".into()),

@@ -78,6 +78,12 @@ impl Processor {
         }
     }
 
+    /// Whether the sink's notification is a log line, so a batch of records
+    /// can share one `write(2)` ([`telemetry::LogBatch`]).
+    pub fn notifies_by_log(&self) -> bool {
+        matches!(self.notifier, Notifier::Log)
+    }
+
     /// Handles `message`. `stop` interrupts waits between attempts (never an
     /// attempt in flight): the record is then left for redelivery.
     pub async fn process(&self, message: &OwnedMessage, stop: &CancellationToken) -> Outcome {
@@ -167,6 +173,7 @@ impl Processor {
                 NotifyError::Transient(reason) => {
                     let delay = self.retry.delay(attempt);
                     tracing::warn!(attempt, ?delay, sink = self.notifier.kind(), error = %reason, "notification failed; will retry");
+                    telemetry::flush_logs();
                     tokio::select! {
                         () = tokio::time::sleep(delay) => continue,
                         () = stop.cancelled() => return Outcome::Stopped,
@@ -203,6 +210,7 @@ impl Processor {
                     attempt += 1;
                     let delay = DEAD_LETTER_BACKOFF.delay(attempt);
                     tracing::error!(%error, attempt, ?delay, "cannot publish to the dead-letter topic; holding the offset and retrying");
+                    telemetry::flush_logs();
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = stop.cancelled() => return Outcome::Stopped,

@@ -16,10 +16,22 @@
 //! exits, and close in the registry: in order-svc ~5 us of ~49 us of CPU per
 //! call (BENCHMARKS.md). A hot path can ask [`exporting`] and, when nothing
 //! exports spans, carry a [`TraceContext`] instead of a span.
+//!
+//! Log lines go to stdout one `write(2)` each, as soon as they are formatted,
+//! so a line is out of the process before the work it reports goes on. A
+//! [`LogBatch`] lets a hot path trade that for one `write(2)` per batch: while
+//! one is open, lines collect in memory and are written when it closes (or
+//! when [`flush_logs`] is called, or [`MAX_HELD_BYTES`] are waiting). The
+//! caller must not let anything that depends on a line having been written
+//! happen before it closes the batch.
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    io::Write,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
 };
 
 use opentelemetry::{
@@ -97,7 +109,97 @@ pub fn init(service: &'static str, format: LogFormat) -> Result<Telemetry, Telem
     };
     use std::io::IsTerminal;
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    install(service, format, filter, ansi, std::io::stdout)
+    install(service, format, filter, ansi, || Stdout)
+}
+
+/// Lines waiting for the open [`LogBatch`]es to close.
+static HELD: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// How many [`LogBatch`]es are open.
+static BATCHES: AtomicUsize = AtomicUsize::new(0);
+/// Held lines are written once this many bytes wait, batch or not.
+pub const MAX_HELD_BYTES: usize = 64 * 1024;
+
+/// While alive, log lines (from every task and thread) are held in memory
+/// instead of written one `write(2)` each; dropping it writes them all in one
+/// go. Lines are written in the order they were logged.
+///
+/// For a hot path that logs once per item and acts on the items only after
+/// the batch: notify-svc's log sink writes a batch of notifications, then
+/// stores their offsets, so a notification is never counted as handled while
+/// its line could still be lost with the process. Call [`flush_logs`] before
+/// a wait that may last (a retry's backoff), so lines are not held through it.
+#[derive(Debug)]
+#[must_use = "lines are held only while the batch is alive"]
+pub struct LogBatch(());
+
+impl LogBatch {
+    /// Opens a batch.
+    pub fn open() -> Self {
+        BATCHES.fetch_add(1, Ordering::SeqCst);
+        Self(())
+    }
+}
+
+impl Drop for LogBatch {
+    fn drop(&mut self) {
+        BATCHES.fetch_sub(1, Ordering::SeqCst);
+        flush_logs();
+    }
+}
+
+/// Writes the lines held by open [`LogBatch`]es now.
+pub fn flush_logs() {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    // Through std's stdout (line-buffered): a buffer of whole lines goes out
+    // in one write(2). Nowhere to report a failed log write; the fmt layer
+    // drops such errors too.
+    let _ = write_held(&mut held, &mut std::io::stdout().lock());
+}
+
+fn write_held(held: &mut Vec<u8>, out: &mut impl Write) -> std::io::Result<()> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let written = out.write_all(held);
+    held.clear();
+    if held.capacity() > 4 * MAX_HELD_BYTES {
+        held.shrink_to(MAX_HELD_BYTES);
+    }
+    written
+}
+
+/// One line from the fmt layer: held while a [`LogBatch`] is open and there
+/// is room, else written to `out` after the lines held so far (so lines keep
+/// their order when the last batch closes meanwhile).
+fn hold_or_write(line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if BATCHES.load(Ordering::SeqCst) > 0 && held.len() + line.len() <= MAX_HELD_BYTES {
+        held.extend_from_slice(line);
+        return Ok(());
+    }
+    write_held(&mut held, out)?;
+    out.write_all(line)
+}
+
+/// The log writer of [`init`]: stdout, one `write(2)` per line, or held while
+/// a [`LogBatch`] is open.
+#[derive(Debug, Clone, Copy)]
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    // The fmt layer writes each line with one `write_all`.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        hold_or_write(buf, &mut std::io::stdout().lock())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// For tests: the same layers as [`init`], silent unless `TEST_LOG` is set.
@@ -357,6 +459,36 @@ mod tests {
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
     use super::*;
+
+    /// Lines are written at once without a batch; with one, they are held
+    /// until it closes (or the cap is reached), then written in order.
+    #[test]
+    fn log_batch_holds_lines_until_it_closes_and_keeps_their_order() {
+        let mut out = Vec::new();
+        hold_or_write(b"a\n", &mut out).unwrap();
+        assert_eq!(out, b"a\n", "no batch open: written at once");
+
+        let batch = LogBatch::open();
+        hold_or_write(b"b\n", &mut out).unwrap();
+        hold_or_write(b"c\n", &mut out).unwrap();
+        assert_eq!(out, b"a\n", "held while the batch is open");
+        let big = vec![b'x'; MAX_HELD_BYTES];
+        hold_or_write(&big, &mut out).unwrap();
+        assert_eq!(
+            &out[..7],
+            b"a\nb\nc\nx",
+            "over the cap: held lines first, then the line"
+        );
+        assert_eq!(out.len(), 6 + MAX_HELD_BYTES);
+        hold_or_write(b"d\n", &mut out).unwrap();
+        assert_eq!(out.len(), 6 + MAX_HELD_BYTES, "held again after the cap's write");
+        let mut closed = Vec::new();
+        write_held(&mut HELD.lock().unwrap(), &mut closed).unwrap();
+        assert_eq!(closed, b"d\n", "a flush writes what is held");
+        drop(batch);
+        hold_or_write(b"e\n", &mut closed).unwrap();
+        assert_eq!(closed, b"d\ne\n", "no batch open again: written at once");
+    }
 
     /// The hand-written traceparent is byte for byte the propagator's.
     #[test]

@@ -113,7 +113,8 @@ pub fn log_end_to_end(log: &Path, started: &HashMap<String, SystemTime>) -> anyh
         let Ok(at) = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339) else {
             continue;
         };
-        // The span's fields come first (`order_id="…"}:`), the event's after.
+        // A span's fields, when the line has one, come first (`order_id="…"}:`),
+        // the event's after.
         let start = line
             .split_whitespace()
             .filter_map(|f| f.strip_prefix("order_id="))
@@ -160,7 +161,8 @@ mod tests {
         std::fs::write(
             &log,
             "2026-11-25T17:43:27.753575Z  INFO event{partition=2 order_id=\"abc\"}: notify_svc::notifier: notification: order created order_id=abc user_id=u\n\
-             2026-11-25T17:43:27.9Z  INFO other line order_id=abc\n",
+             2026-11-25T17:43:27.9Z  INFO other line order_id=abc\n\
+             2026-11-25T17:43:27.760575Z  INFO notify_svc::notifier: notification: order created order_id=def user_id=u\n",
         )
         .unwrap();
         let start = time::OffsetDateTime::parse(
@@ -168,10 +170,19 @@ mod tests {
             &time::format_description::well_known::Rfc3339,
         )
         .unwrap();
-        let started = HashMap::from([("abc".to_owned(), SystemTime::from(start))]);
+        let started = HashMap::from([
+            ("abc".to_owned(), SystemTime::from(start)),
+            ("def".to_owned(), SystemTime::from(start)),
+            ("ghi".to_owned(), SystemTime::from(start)),
+        ]);
         let (h, missing) = log_end_to_end(&log, &started).unwrap();
-        assert_eq!((h.len(), missing), (1, 0));
-        assert!((h.max() as f64 / 1e6 - 3.0).abs() < 0.01);
+        assert_eq!(
+            (h.len(), missing),
+            (2, 1),
+            "with and without the span's prefix; ghi never notified"
+        );
+        assert!((h.min() as f64 / 1e6 - 3.0).abs() < 0.01);
+        assert!((h.max() as f64 / 1e6 - 10.0).abs() < 0.01);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -99,16 +99,7 @@ impl Notifier {
     pub async fn send(&self, notification: &Notification) -> Result<(), NotifyError> {
         match self {
             Notifier::Log => {
-                tracing::info!(
-                    order_id = %notification.order_id,
-                    user_id = %notification.user_id,
-                    total_minor = notification.total_minor,
-                    currency = %notification.currency,
-                    items = notification.items.len(),
-                    event_id = %notification.event_id,
-                    trace_id = %notification.trace_id.as_deref().unwrap_or("-"),
-                    "notification: order created"
-                );
+                log(notification);
                 Ok(())
             }
             Notifier::Webhook(webhook) => webhook.send(notification).await,
@@ -122,6 +113,20 @@ impl Notifier {
             Notifier::Webhook(_) => "webhook",
         }
     }
+}
+
+/// The log sink's notification: one structured line, which cannot fail.
+pub fn log(notification: &Notification) {
+    tracing::info!(
+        order_id = %notification.order_id,
+        user_id = %notification.user_id,
+        total_minor = notification.total_minor,
+        currency = %notification.currency,
+        items = notification.items.len(),
+        event_id = %notification.event_id,
+        trace_id = %notification.trace_id.as_deref().unwrap_or("-"),
+        "notification: order created"
+    );
 }
 
 /// POSTs notifications to a URL, reusing connections.

@@ -141,7 +141,7 @@ impl Processor {
     /// record that does not decode, a duplicate) returns `false` having done
     /// nothing, and takes the spanned path.
     fn log_without_span(&self, message: &OwnedMessage) -> bool {
-        if !matches!(self.notifier, Notifier::Log) || telemetry::exporting() {
+        if !self.notifies_by_log() || telemetry::exporting() {
             return false;
         }
         let decoded = envelope::decode(|name| header(message, name), message.payload(), self.max_record_bytes);
@@ -224,6 +224,9 @@ impl Processor {
     async fn dead_letter(&self, message: &OwnedMessage, failure: Failure, stop: &CancellationToken) -> Outcome {
         let mut attempt = 0;
         loop {
+            // The publish awaits the broker (up to its deadline in an
+            // outage): no line of an open LogBatch waits through it.
+            telemetry::flush_logs();
             match self.dead_letters.publish(message, &failure).await {
                 Ok(()) => {
                     self.metrics

@@ -127,7 +127,8 @@ pub const MAX_HELD_BYTES: usize = 64 * 1024;
 /// the batch: notify-svc's log sink writes a batch of notifications, then
 /// stores their offsets, so a notification is never counted as handled while
 /// its line could still be lost with the process. Call [`flush_logs`] before
-/// a wait that may last (a retry's backoff), so lines are not held through it.
+/// a wait that may last (a retry's backoff, a publish to the broker), so lines
+/// are not held through it.
 #[derive(Debug)]
 #[must_use = "lines are held only while the batch is alive"]
 pub struct LogBatch(());

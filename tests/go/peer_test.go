@@ -188,7 +188,7 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 		StartOffset:       kafka.FirstOffset,
 		MinBytes:          1,
 		MaxBytes:          10 << 20,
-		MaxWait:           100 * time.Millisecond,
+		MaxWait:           500 * time.Millisecond,
 		SessionTimeout:    6 * time.Second,
 		HeartbeatInterval: time.Second,
 		RebalanceTimeout:  10 * time.Second,
@@ -210,8 +210,15 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 	found := map[string][]kafka.Message{}
 	var read []kafka.Message
 	var otherKeys []string
+	var groupErrors []string
 	for len(found) < len(want) {
 		msg, err := reader.FetchMessage(ctx)
+		if err != nil && ctx.Err() == nil {
+			// The reader hands over group errors (a coordinator that is not
+			// ready yet, a rebalance) and retries by itself: keep fetching.
+			groupErrors = append(groupErrors, err.Error())
+			continue
+		}
 		if err != nil {
 			var missing []string
 			for id := range want {
@@ -221,8 +228,9 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 			}
 			stats := reader.Stats()
 			t.Fatalf("reading %s as group %s: %v\nno record yet for orders %v; read %d records (other keys: %q)\n"+
+				"errors on the way: %q\n"+
 				"kafka-go stats: dials=%d fetches=%d messages=%d errors=%d rebalances=%d offset=%d lag=%d",
-				topic, group, err, missing, len(read), otherKeys,
+				topic, group, err, missing, len(read), otherKeys, lastErrors(groupErrors, 5),
 				stats.Dials, stats.Fetches, stats.Messages, stats.Errors, stats.Rebalances, stats.Offset, stats.Lag)
 		}
 		read = append(read, msg)
@@ -241,6 +249,10 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 		t.Errorf("committing %d records as group %s: %v", len(read), group, err)
 	}
 	return found
+}
+
+func lastErrors(errs []string, n int) []string {
+	return errs[max(0, len(errs)-n):]
 }
 
 // checkRecord checks one record against the order it is keyed by: it returns

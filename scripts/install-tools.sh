@@ -1,22 +1,54 @@
 #!/usr/bin/env bash
 # Installs what running and testing the system need, once per machine
 # (idempotent; later runs take seconds):
-#   - tansu 0.6.0, the Kafka-compatible broker for local runs and tests
+#   - unless --kafka: tansu 0.6.0, the Kafka-compatible broker scripts/run.sh starts
 #     (crates.io; ~10 minutes to build the first time), into ~/.cargo/bin;
+#   - with --kafka or --test: Apache Kafka's broker, the jars scripts/kafka/pom.xml
+#     names, copied from Maven Central by Maven (checksums checked) into
+#     .tools/kafka-<version>/libs; the broker of the tests and benchmarks;
 #   - with --test: a Python venv in .tools/venv with tests/requirements.txt,
-#     and the Node packages in tests/node (npm ci), for the cross-language tests.
+#     the Node packages in tests/node (npm ci), and the Go and Java peers'
+#     dependencies, for the cross-language tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
+mode=${1:-}
+case "$mode" in
+  ""|--kafka|--test) ;;
+  *) echo "usage: $0 [--kafka|--test]" >&2; exit 2 ;;
+esac
+
 TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$PATH"
-if ! tansu --version 2>/dev/null | grep -qx "tansu $TANSU_VERSION"; then
+if [ "$mode" != --kafka ] && ! tansu --version 2>/dev/null | grep -qx "tansu $TANSU_VERSION"; then
   echo "==> installing tansu $TANSU_VERSION (first time only; takes ~10 minutes)"
   cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql
 fi
 
-[ "${1:-}" = "--test" ] || exit 0
+[ -n "$mode" ] || exit 0
+
+# Apache Kafka needs Java 17 or newer and Maven to fetch it.
+java_major=$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
+if [ -z "$java_major" ] || [ "${java_major%%.*}" -lt 17 ]; then
+  echo "error: Apache Kafka needs Java 17 or newer on PATH (found: ${java_major:-none})" >&2
+  exit 1
+fi
+command -v mvn >/dev/null || { echo "error: Maven (mvn) is needed to fetch Apache Kafka's jars" >&2; exit 1; }
+kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' scripts/kafka/pom.xml)
+kafka_libs="$root/.tools/kafka-$kafka_version/libs"
+kafka_stamp="$root/.tools/kafka-$kafka_version/.pom.sha256"
+want=$(sha256sum scripts/kafka/pom.xml | cut -d' ' -f1)
+if [ "$(cat "$kafka_stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing Apache Kafka $kafka_version's jars from Maven Central into .tools/"
+  rm -rf "$kafka_libs"
+  mvn -B -q -C -f scripts/kafka/pom.xml \
+    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$kafka_libs"
+  echo "$want" > "$kafka_stamp"
+fi
+
+[ "$mode" = "--test" ] || exit 0
 
 venv="$root/.tools/venv"
 stamp="$venv/.requirements.sha256"

@@ -1,4 +1,4 @@
-"""Fixtures for the Python suites: a real Tansu broker, the real service
+"""Fixtures for the Python suites: a real broker (Apache Kafka by default), the real service
 binaries, the npm-installed buf, and Python code generated from proto/.
 
 Everything runs on 127.0.0.1 with free ports in temporary folders, and is torn
@@ -9,9 +9,9 @@ that dies while we wait fails the test with the tail of its log.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +29,6 @@ PROTO = ROOT / "proto"
 NODE_DIR = ROOT / "tests" / "node"
 BUF = NODE_DIR / "node_modules" / ".bin" / "buf"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
-
-# What both services need against Tansu (see the project's broker notes):
-# a short session timeout for a quick first JoinGroup, short fetch waits.
-KAFKA_OPTIONS = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10"
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -73,46 +68,27 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(timeout=10)
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def tansu_binary() -> str:
-    found = shutil.which("tansu") or str(pathlib.Path.home() / ".cargo" / "bin" / "tansu")
-    if not os.access(found, os.X_OK):
-        pytest.fail("tansu is not installed: run scripts/install-tools.sh")
-    return found
-
-
 @dataclasses.dataclass
 class Broker:
-    """A Tansu broker with sqlite storage in its own temporary folder."""
+    """A real broker started by testkit's `test-broker` (Apache Kafka, or
+    Tansu with TEST_BROKER=tansu): the same launcher the Rust tests use."""
 
-    port: int
-    proc: subprocess.Popen
+    bootstrap: str
+    kind: str
     log: pathlib.Path
-    tansu: str
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    client_options: str
+    proc: subprocess.Popen
 
     def create_topic(self, name: str, partitions: int = 1) -> str:
-        def created():
-            out = subprocess.run(
-                [self.tansu, "topic", "create", name, "--partitions", str(partitions),
-                 "--broker", f"tcp://{self.bootstrap}"],
-                capture_output=True, text=True, timeout=30,
-            )
-            if out.returncode != 0 and self.proc.poll() is not None:
-                pytest.fail(f"tansu exited ({self.proc.returncode}):\n{tail(self.log)}")
-            return out.returncode == 0
+        from confluent_kafka.admin import AdminClient, NewTopic
 
-        wait_until(created, 20, f"topic {name} to be created", interval=0.2)
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)],
+                                      operation_timeout=30, request_timeout=30)
+        try:
+            futures[name].result(timeout=40)
+        except Exception as e:  # noqa: BLE001 - the broker's own error is the message
+            pytest.fail(f"cannot create topic {name}: {e}\n{tail(self.log)}")
         return name
 
     def unique_topic(self, prefix: str, partitions: int = 1) -> str:
@@ -120,32 +96,28 @@ class Broker:
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory) -> Broker:
-    """One Tansu broker for the session; tests isolate themselves with unique topics."""
-    tansu = tansu_binary()
-    folder = tmp_path_factory.mktemp("tansu")
-    port = free_port()
-    log = folder / "tansu.log"
-    url = f"tcp://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "sqlite://tansu.db"],
-            cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-        )
-    broker = Broker(port=port, proc=proc, log=log, tansu=tansu)
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"tansu exited ({proc.returncode}):\n{tail(log)}")
-        return port_open(port)
-
+def kafka() -> Broker:
+    """One broker for the session; tests isolate themselves with unique topics
+    and groups."""
+    proc = subprocess.Popen([str(binary("test-broker"))], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=10)
+        pytest.fail(f"test-broker exited ({proc.returncode}) without a broker:\n{proc.stderr.read()}")
+    info = json.loads(line)
+    broker = Broker(bootstrap=info["bootstrap"], kind=info["kind"], log=pathlib.Path(info["log"]),
+                    client_options=info["client_options"], proc=proc)
     try:
-        wait_until(up, 30, "tansu to listen")
         yield broker
     finally:
-        # Tansu may keep answering for a while after SIGTERM: kill soon after.
-        stop(proc, grace=3)
+        # Closing its standard input takes the broker down with it.
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclasses.dataclass
@@ -184,7 +156,7 @@ def binary(name: str) -> pathlib.Path:
 def start_service(name: str, env: dict[str, str], folder: pathlib.Path, metrics_addr: str,
                   grpc_addr: str | None = None) -> Service:
     log = folder / f"{name}-{uuid.uuid4().hex[:8]}.log"
-    full_env = {**os.environ, "KAFKA_OPTIONS": KAFKA_OPTIONS, "METRICS_ADDR": metrics_addr,
+    full_env = {**os.environ, "METRICS_ADDR": metrics_addr,
                 "LOG_FORMAT": "text", "NO_COLOR": "1", **env}
     full_env.setdefault("RUST_LOG", "info")
     with open(log, "wb") as out:
@@ -220,7 +192,8 @@ def start_order_svc(kafka: Broker, tmp_path_factory):
         metrics_addr = f"127.0.0.1:{free_port()}"
         svc = start_service(
             "order-svc",
-            {"GRPC_ADDR": grpc_addr, "KAFKA_BROKERS": kafka.bootstrap, "ORDERS_TOPIC": topic, **env},
+            {"GRPC_ADDR": grpc_addr, "KAFKA_BROKERS": kafka.bootstrap, "KAFKA_OPTIONS": kafka.client_options,
+             "ORDERS_TOPIC": topic, **env},
             folder, metrics_addr, grpc_addr,
         )
         started.append(svc)
@@ -241,7 +214,8 @@ def start_notify_svc(kafka: Broker, tmp_path_factory):
         metrics_addr = f"127.0.0.1:{free_port()}"
         svc = start_service(
             "notify-svc",
-            {"KAFKA_BROKERS": kafka.bootstrap, "ORDERS_TOPIC": topic, "DLQ_TOPIC": dlq_topic,
+            {"KAFKA_BROKERS": kafka.bootstrap, "KAFKA_OPTIONS": kafka.client_options,
+             "ORDERS_TOPIC": topic, "DLQ_TOPIC": dlq_topic,
              "KAFKA_GROUP_ID": f"notify-{uuid.uuid4().hex[:12]}", **env},
             folder, metrics_addr,
         )

@@ -1,7 +1,12 @@
-//! Test support shared by the services' black-box tests: a real Tansu broker
-//! per test ([`Broker`]), topics, unique names, polling with a deadline
-//! ([`eventually`]), reading and writing raw records, and the real binaries as
-//! child processes ([`Service`]). Nothing here mocks Kafka.
+//! Test support shared by the services' black-box tests: real brokers
+//! (Apache Kafka, or Tansu with `TEST_BROKER=tansu`; [`Broker`]), topics,
+//! unique names, polling with a deadline ([`eventually`]), reading and
+//! writing raw records, and the real binaries as child processes
+//! ([`Service`]). Nothing here mocks Kafka.
+
+mod broker;
+
+pub use broker::{Broker, BrokerKind, Security, header, kafka_libs, tansu_bin};
 
 use std::{
     io::{BufRead, BufReader},
@@ -15,19 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
-use rdkafka::{
-    ClientConfig, Message,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
-    message::{Header, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
-};
-
-/// Settings every client needs against Tansu (see the README): a fast group
-/// join and no long sleep inside fetch.
-pub const TANSU_CLIENT_OPTIONS: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10";
+use anyhow::bail;
 
 /// The value of the sample `series` (name and labels exactly as exposed, e.g.
 /// `orders_created_total` or `x_total{reason="y"}`) in a Prometheus text scrape.
@@ -98,269 +91,12 @@ where
     }
 }
 
-/// Where the `tansu` binary is: `$TANSU_BIN`, `tansu` on `PATH`, or
-/// `~/.cargo/bin/tansu` (where `scripts/install-tools.sh` puts it).
-pub fn tansu_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TANSU_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("tansu");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let candidate = home.join(".cargo/bin/tansu");
-    if candidate.is_file() {
-        return Ok(candidate);
-    }
-    bail!("tansu not found: run scripts/install-tools.sh (or set TANSU_BIN)")
-}
-
-/// A Tansu broker with sqlite storage in a temporary folder, on its own port.
-/// It can be stopped, killed and restarted on the same port with its data.
-#[derive(Debug)]
-pub struct Broker {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    authentication: bool,
-}
-
-impl Broker {
-    /// Starts a broker and waits until it answers metadata requests.
-    pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tansu-").tempdir()?;
-        let mut broker = Broker {
-            port: free_port(),
-            dir,
-            child: None,
-            authentication: false,
-        };
-        broker.spawn().await?;
-        Ok(broker)
-    }
-
-    /// Starts a broker that requires SASL/SCRAM-SHA-512 as `user` with
-    /// `password`, with `topics` (name, partitions) created. (Users and topics
-    /// are set up before authentication is switched on: Tansu's own CLI does
-    /// not authenticate.)
-    pub async fn start_with_sasl(user: &str, password: &str, topics: &[(&str, i32)]) -> anyhow::Result<Self> {
-        let mut broker = Broker::start().await?;
-        let url = format!("tcp://{}", broker.addr());
-        let created = Command::new(tansu_bin()?)
-            .args(["user", "create", user, password, "--broker", &url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !created.success() {
-            bail!("tansu user create failed: {created}");
-        }
-        for (topic, partitions) in topics {
-            broker.create_topic(topic, *partitions).await?;
-        }
-        broker.stop();
-        broker.authentication = true;
-        broker.spawn_process()?;
-        // Metadata without credentials is refused now: wait for the port only.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", broker.port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("secured tansu did not open its port");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(broker)
-    }
-
-    /// `127.0.0.1:port`, for `KAFKA_BROKERS`.
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// The broker's data folder (its log is `tansu.log` there).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn spawn_process(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("tansu.log"))?;
-        let child = Command::new(tansu_bin()?)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .args(self.authentication.then_some("--authentication"))
-            // Tansu resolves the sqlite path against its working directory.
-            .current_dir(self.dir.path())
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("CLUSTER_ID")
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start tansu")?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    async fn spawn(&mut self) -> anyhow::Result<()> {
-        self.spawn_process()?;
-        let addr = self.addr();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let probe = {
-                let addr = addr.clone();
-                tokio::task::spawn_blocking(move || {
-                    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &addr).create()?;
-                    client.fetch_metadata(None, Duration::from_secs(2)).map(|_| ())
-                })
-                .await?
-            };
-            if probe.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "tansu on {addr} did not answer within 30 s: {probe:?} (log in {:?})",
-                    self.dir.path()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Stops the broker: SIGTERM, then SIGKILL if it lingers (Tansu may keep
-    /// serving connected clients for a while after SIGTERM).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the broker again on the same port with the same data.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
-        self.spawn().await
-    }
-
-    /// Creates `name` with `partitions` partitions.
-    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", self.addr()).create()?;
-        let results = admin
-            .create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await?;
-        for result in results {
-            if let Err((topic, code)) = result {
-                bail!("cannot create topic {topic}: {code}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates `topic` (`partitions` partitions) and `topic.dlq` (1).
-    pub async fn create_topics(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
-        self.create_topic(topic, partitions).await?;
-        self.create_topic(&format!("{topic}.dlq"), 1).await
-    }
-
-    /// Publishes a raw record, for poison-pill and compatibility tests.
-    pub async fn produce(
-        &self,
-        topic: &str,
-        key: &[u8],
-        value: &[u8],
-        headers: &[(&str, &[u8])],
-    ) -> anyhow::Result<()> {
-        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", self.addr()).create()?;
-        let mut h = OwnedHeaders::new();
-        for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(*v),
-            });
-        }
-        producer
-            .send(
-                FutureRecord::to(topic).key(key).payload(value).headers(h),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
-        Ok(())
-    }
-
-    /// Reads every record of `topic` from the start until `want` have been
-    /// read or `timeout` passes (no consumer group involved).
-    pub async fn read_all(&self, topic: &str, want: usize, timeout: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
-        let (addr, topic) = (self.addr(), topic.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &addr)
-                .set("group.id", unique("reader"))
-                .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "10")
-                .create()?;
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            for p in 0..partitions {
-                tpl.add_partition_offset(&topic, p as i32, rdkafka::Offset::Beginning)?;
-            }
-            consumer.assign(&tpl)?;
-            let deadline = Instant::now() + timeout;
-            let mut out = Vec::new();
-            while out.len() < want && Instant::now() < deadline {
-                if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                    out.push(message?.detach());
-                }
-            }
-            Ok(out)
-        })
-        .await?
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The value of header `name` of `message`, as text.
-pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    message
-        .headers()?
-        .iter()
-        .filter(|h| h.key == name)
-        .last()
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+/// The workspace's root folder (where `scripts/` and `.tools/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives in the workspace")
+        .to_owned()
 }
 
 /// Path of a workspace binary built next to the running test

@@ -23,7 +23,7 @@ use axum::{
 };
 use orders_contract::v1::{CreateOrderRequest, LineItem, order_service_client::OrderServiceClient};
 use rdkafka::{Message, message::OwnedMessage};
-use testkit::{Broker, Service, TANSU_CLIENT_OPTIONS, free_port};
+use testkit::{Broker, BrokerKind, Service, free_port};
 use tonic::{Code, transport::Channel};
 
 /// How long a service may take to start (debug build, shared 2-core machine).
@@ -32,9 +32,19 @@ pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The log line notify-svc prints for each notification (log sink).
 pub(crate) const NOTIFICATION: &str = "notification: order created";
 
-/// A broker with `topic` (and `topic.dlq`) created with `partitions` partitions.
+/// The shared broker with a new `topic` (and `topic.dlq`) of `partitions`
+/// partitions.
 pub(crate) async fn broker_with_topic(prefix: &str, partitions: i32) -> (Broker, String) {
-    let broker = Broker::start().await.expect("tansu starts");
+    topic_on(Broker::shared().await.expect("broker starts"), prefix, partitions).await
+}
+
+/// Like [`broker_with_topic`], on a broker of its own that the test may stop
+/// or kill.
+pub(crate) async fn own_broker_with_topic(prefix: &str, partitions: i32) -> (Broker, String) {
+    topic_on(Broker::start().await.expect("broker starts"), prefix, partitions).await
+}
+
+async fn topic_on(broker: Broker, prefix: &str, partitions: i32) -> (Broker, String) {
     let topic = testkit::unique(prefix);
     broker
         .create_topics(&topic, partitions)
@@ -60,7 +70,7 @@ impl OrderSvc {
             ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
             ("KAFKA_BROKERS", brokers.to_owned()),
             ("ORDERS_TOPIC", topic.to_owned()),
-            ("KAFKA_OPTIONS", TANSU_CLIENT_OPTIONS.to_owned()),
+            ("KAFKA_OPTIONS", BrokerKind::from_env().client_options().to_owned()),
         ];
         env.extend(extra.iter().cloned());
         let service = Service::spawn("order-svc", &env).expect("order-svc starts");
@@ -90,7 +100,7 @@ pub(crate) fn notify_env<'a>(
         ("ORDERS_TOPIC", topic.to_owned()),
         ("DLQ_TOPIC", format!("{topic}.dlq")),
         ("KAFKA_GROUP_ID", group.to_owned()),
-        ("KAFKA_OPTIONS", TANSU_CLIENT_OPTIONS.to_owned()),
+        ("KAFKA_OPTIONS", BrokerKind::from_env().client_options().to_owned()),
     ];
     env.extend(extra.iter().cloned());
     env

@@ -5,18 +5,19 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::helpers::{NOTIFICATION, OrderSvc, broker_with_topic, field, notify_env, order, start_notify};
+use crate::helpers::{NOTIFICATION, OrderSvc, field, notify_env, order, own_broker_with_topic, start_notify};
 
-fn tansu_log(broker: &testkit::Broker) -> String {
-    let log = std::fs::read_to_string(broker.dir().join("tansu.log")).unwrap_or_default();
+fn broker_log(broker: &testkit::Broker) -> String {
+    let log = std::fs::read_to_string(broker.log_path()).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let interesting: Vec<&str> = lines
         .iter()
-        .filter(|l| l.contains("panic") || l.contains("ERROR") || l.contains("more or less"))
+        .filter(|l| l.contains("panic") || l.contains("ERROR"))
         .copied()
         .collect();
     format!(
-        "tansu.log: {} lines; panics/errors:\n{}\nlast lines:\n{}",
+        "{}: {} lines; panics/errors:\n{}\nlast lines:\n{}",
+        broker.log_path().display(),
         lines.len(),
         interesting.iter().take(20).copied().collect::<Vec<_>>().join("\n"),
         lines[lines.len().saturating_sub(20)..].join("\n")
@@ -25,7 +26,7 @@ fn tansu_log(broker: &testkit::Broker) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage() {
-    let (mut broker, topic) = broker_with_topic("outage", 1).await;
+    let (mut broker, topic) = own_broker_with_topic("outage", 1).await;
     let orders = OrderSvc::start(&broker.addr(), &topic, &[]).await;
     let group = testkit::unique("notify");
     let notify = start_notify(&notify_env(&broker.addr(), &topic, &group, &[])).await;
@@ -87,7 +88,7 @@ async fn broker_outage() {
         assert!(
             Instant::now() < deadline,
             "order-svc did not recover within 60 s of the broker restart; answers: {refusals:#?}\n{}\norder-svc:\n{}",
-            tansu_log(&broker),
+            broker_log(&broker),
             orders.service.output().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -106,7 +107,7 @@ async fn broker_outage() {
     assert!(
         notified.is_ok(),
         "the order accepted after the restart was not notified within 60 s\n{}\nnotify-svc:\n{}",
-        tansu_log(&broker),
+        broker_log(&broker),
         notify.output().join("\n")
     );
     println!(

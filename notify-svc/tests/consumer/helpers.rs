@@ -28,7 +28,7 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use testkit::{Broker, TANSU_CLIENT_OPTIONS, eventually, unique};
+use testkit::{Broker, eventually, unique};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
@@ -229,10 +229,10 @@ pub(crate) struct TestApp {
     http: reqwest::Client,
 }
 
-/// The test defaults: Tansu client options, fast retries, short grace.
+/// The test defaults: the broker's test client options, fast retries, short grace.
 pub(crate) fn config(broker: &Broker, topic: &str, group: &str, receiver: Option<&Receiver>) -> Config {
     let mut config = Config::for_tests(&broker.addr(), topic, group);
-    config.kafka.options = TANSU_CLIENT_OPTIONS.parse().unwrap();
+    config.kafka.options = broker.client_options().parse().unwrap();
     config.notify_webhook_url = receiver.map(Receiver::url);
     config.notify_webhook_timeout = Duration::from_secs(10);
     config.retry_max_attempts = 4;
@@ -343,9 +343,18 @@ pub(crate) fn series<'t>(text: &'t str, name: &str) -> Vec<&'t str> {
 
 // ------------------------------------------------------------------- records
 
-/// A broker with `partitions`-partition topic and its `.dlq`, a group id.
+/// The shared broker with a new `partitions`-partition topic and its `.dlq`,
+/// and a group id.
 pub(crate) async fn broker_with_topic(partitions: i32) -> (Broker, String, String) {
-    let broker = Broker::start().await.expect("tansu starts");
+    topic_on(Broker::shared().await.expect("broker starts"), partitions).await
+}
+
+/// Like [`broker_with_topic`], on a broker of its own that the test may stop.
+pub(crate) async fn own_broker_with_topic(partitions: i32) -> (Broker, String, String) {
+    topic_on(Broker::start().await.expect("broker starts"), partitions).await
+}
+
+async fn topic_on(broker: Broker, partitions: i32) -> (Broker, String, String) {
     let topic = unique("orders");
     broker.create_topics(&topic, partitions).await.expect("topics created");
     (broker, topic, unique("notify"))

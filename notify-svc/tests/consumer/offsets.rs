@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::helpers::{
     Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, order_created, order_id,
+    own_broker_with_topic,
 };
 
 #[tokio::test]
@@ -81,7 +82,7 @@ async fn a_record_cut_off_by_shutdown_is_redelivered_to_the_next_instance() {
 
 #[tokio::test]
 async fn shutdown_with_the_broker_gone_is_still_prompt() {
-    let (mut broker, topic, group) = broker_with_topic(1).await;
+    let (mut broker, topic, group) = own_broker_with_topic(1).await;
     let receiver = Receiver::start().await;
     let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
     let publisher = Publisher::new(&broker, &topic);

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use crate::helpers::{
-    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id, series,
+    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id,
+    own_broker_with_topic, series,
 };
 
 #[tokio::test]
@@ -92,7 +93,7 @@ async fn lag_gauges_follow_the_assignment() {
 
 #[tokio::test]
 async fn readiness_follows_the_broker_and_consumption_resumes_after_it_returns() {
-    let (mut broker, topic, group) = broker_with_topic(1).await;
+    let (mut broker, topic, group) = own_broker_with_topic(1).await;
     let receiver = Receiver::start().await;
     let app = TestApp::spawn(config(&broker, &topic, &group, Some(&receiver))).await;
     let (status, _) = app.get("/healthz").await;
@@ -106,7 +107,7 @@ async fn readiness_follows_the_broker_and_consumption_resumes_after_it_returns()
     app.wait_ready(false, Duration::from_secs(10)).await;
     assert_eq!(app.get("/healthz").await.0, 200, "alive while the broker is away");
 
-    broker.restart().await.expect("tansu restarts");
+    broker.restart().await.expect("the broker restarts");
     app.wait_ready(true, Duration::from_secs(30)).await;
     let publisher = Publisher::new(&broker, &topic);
     let after = publisher.order(None).await;

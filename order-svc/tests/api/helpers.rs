@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use order_svc::{config::Config, error::Error, startup::Application};
 use orders_contract::v1::{CreateOrderRequest, order_service_client::OrderServiceClient};
-use testkit::{Broker, TANSU_CLIENT_OPTIONS, unique};
+use testkit::{Broker, unique};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
@@ -23,9 +23,20 @@ pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-/// Like [`spawn_app`], with the configuration adjusted by `customize`.
+/// Like [`spawn_app`], with the configuration adjusted by `customize`, on the
+/// broker the tests share.
 pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+    let broker = Broker::shared().await.expect("broker starts");
+    spawn_app_on_new_topic(broker, customize).await
+}
+
+/// Like [`spawn_app_with`], on a broker of its own that the test may stop.
+pub(crate) async fn spawn_app_alone_with(customize: impl FnOnce(&mut Config)) -> TestApp {
     let broker = Broker::start().await.expect("broker starts");
+    spawn_app_on_new_topic(broker, customize).await
+}
+
+async fn spawn_app_on_new_topic(broker: Broker, customize: impl FnOnce(&mut Config)) -> TestApp {
     let topic = unique("orders");
     broker.create_topic(&topic, 3).await.expect("topic created");
     spawn_app_on(broker, topic, customize).await.expect("order-svc builds")
@@ -39,7 +50,7 @@ pub(crate) async fn spawn_app_on(
 ) -> Result<TestApp, Error> {
     service_kit::telemetry::init_for_tests("order-svc-tests");
     let mut config = Config::for_tests(&broker.addr(), &topic);
-    config.kafka.options = TANSU_CLIENT_OPTIONS.parse().unwrap();
+    config.kafka.options = broker.client_options().parse().unwrap();
     config.publish_timeout = Duration::from_secs(3);
     customize(&mut config);
     let app = Application::build(config).await?;

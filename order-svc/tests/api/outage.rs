@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-use crate::helpers::{metric, spawn_app_with, valid_request};
+use crate::helpers::{metric, spawn_app_alone_with, valid_request};
 
 #[tokio::test]
 async fn unavailable_while_the_broker_is_down_and_recovers_by_itself() {
-    let mut app = spawn_app_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
+    let mut app = spawn_app_alone_with(|c| c.publish_timeout = Duration::from_secs(2)).await;
     let mut client = app.client().await;
     client
         .create_order(valid_request("user-1"))

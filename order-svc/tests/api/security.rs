@@ -9,7 +9,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, Extend
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{TestApp, spawn_app_on, spawn_app_with, valid_request};
+use crate::helpers::{TestApp, spawn_app_alone_with, spawn_app_on, spawn_app_with, valid_request};
 
 const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
 
@@ -295,7 +295,7 @@ async fn an_oversized_request_gets_a_clear_code_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn calls_over_the_concurrency_limit_are_shed() {
-    let mut app = spawn_app_with(|c| {
+    let mut app = spawn_app_alone_with(|c| {
         c.max_concurrent_calls = 1;
         c.publish_timeout = Duration::from_secs(3);
     })

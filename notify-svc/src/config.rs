@@ -24,7 +24,13 @@ pub struct Config {
     pub dlq_topic: String,
 
     /// Send notifications as JSON POSTs to this URL instead of logging them.
-    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    /// Never shown in help or errors: webhook URLs often carry a token.
+    #[arg(
+        long,
+        env = "NOTIFY_WEBHOOK_URL",
+        hide_env_values = true,
+        value_parser = service_kit::secret::Quiet::<reqwest::Url>::new()
+    )]
     pub notify_webhook_url: Option<reqwest::Url>,
 
     /// Timeout of one webhook request.

@@ -20,21 +20,26 @@ const SECRET_MARKERS: [&str; 4] = ["password", "secret", "key.pem", "sasl.oauthb
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct KafkaOptions(pub Vec<(String, String)>);
 
-/// A `KAFKA_OPTIONS` entry that is not `key=value`.
+/// A `KAFKA_OPTIONS` entry that is not `key=value`, by its position (the
+/// first entry is 1). The entry itself is not repeated: it may be part of a
+/// secret (a password with a comma in it splits into two entries).
 #[derive(Debug, thiserror::Error)]
-#[error("expected key=value, got {0:?} (separate entries with commas)")]
-pub struct BadOption(String);
+#[error("entry {0} is not key=value (entries are separated by commas; values cannot contain commas)")]
+pub struct BadOption(usize);
 
 impl FromStr for KafkaOptions {
     type Err = BadOption;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = Vec::new();
-        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (k, v) = entry.split_once('=').ok_or_else(|| BadOption(redact_entry(entry)))?;
+        for (i, entry) in s.split(',').map(str::trim).enumerate() {
+            if entry.is_empty() {
+                continue;
+            }
+            let (k, v) = entry.split_once('=').ok_or(BadOption(i + 1))?;
             let (k, v) = (k.trim(), v.trim());
             if k.is_empty() {
-                return Err(BadOption(redact_entry(entry)));
+                return Err(BadOption(i + 1));
             }
             out.push((k.to_owned(), v.to_owned()));
         }
@@ -45,14 +50,6 @@ impl FromStr for KafkaOptions {
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     SECRET_MARKERS.iter().any(|m| key.contains(m))
-}
-
-fn redact_entry(entry: &str) -> String {
-    if is_secret(entry) {
-        "<redacted>".to_owned()
-    } else {
-        entry.to_owned()
-    }
 }
 
 impl fmt::Display for KafkaOptions {
@@ -240,9 +237,15 @@ mod tests {
     #[test]
     fn rejects_entries_without_equals_and_hides_secrets() {
         let err = "linger.ms".parse::<KafkaOptions>().unwrap_err();
-        assert!(err.to_string().contains("linger.ms"), "{err}");
-        let err = "sasl.password".parse::<KafkaOptions>().unwrap_err();
-        assert!(!err.to_string().contains("sasl.password"), "{err}");
+        assert!(err.to_string().contains("entry 1 "), "{err}");
+        let err = "sasl.password=hunter2,oops".parse::<KafkaOptions>().unwrap_err();
+        assert!(err.to_string().contains("entry 2 "), "{err}");
+        assert!(
+            !err.to_string().contains("hunter2") && !err.to_string().contains("oops"),
+            "{err}"
+        );
+        let err = "acks=all,, =x".parse::<KafkaOptions>().unwrap_err();
+        assert!(err.to_string().contains("entry 3 "), "{err}");
         let opts: KafkaOptions = "sasl.username=u,sasl.password=hunter2,ssl.key.password=k"
             .parse()
             .unwrap();
@@ -283,7 +286,8 @@ pub struct KafkaArgs {
         env = "KAFKA_OPTIONS",
         default_value = "",
         hide_default_value = true,
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = crate::secret::Quiet::<KafkaOptions>::new()
     )]
     pub options: KafkaOptions,
 

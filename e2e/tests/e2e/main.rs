@@ -9,6 +9,7 @@
 mod configuration;
 mod faults;
 mod flow;
+mod hardening;
 mod helpers;
 mod idempotency;
 mod outage;

@@ -3,6 +3,7 @@
 //! (statuses, records on the topic, /metrics, health).
 
 mod create_order;
+mod hardening;
 mod helpers;
 mod operability;
 mod outage;

@@ -78,8 +78,8 @@ impl OrderApi {
         if let Some(caller) = &caller {
             caller.authorize(&new.user_id)?;
         }
-        match self.answers.lookup(&new) {
-            Seen::New => {}
+        let reservation = match self.answers.reserve(&new).await {
+            Seen::New(reservation) => reservation,
             Seen::Replay(order) => {
                 call.record(Field::Order, &order.order_id);
                 tracing::debug!(order_id = %order.order_id, "idempotent replay");
@@ -88,7 +88,7 @@ impl OrderApi {
             Seen::Conflict => {
                 return Err(Error::IdempotencyConflict(new.request_id.unwrap_or_default()));
             }
-        }
+        };
 
         let ids = idempotency::ids_for(&new);
         let now = orders_contract::timestamp(time::OffsetDateTime::now_utc());
@@ -113,7 +113,7 @@ impl OrderApi {
 
         self.metrics.orders_created.inc();
         let order = event.order.unwrap_or_default();
-        self.answers.remember(&new, &order);
+        reservation.answer(&order);
         tracing::debug!(order_id = %order.order_id, total_minor = order.total_minor, currency = %order.currency, "order created");
         Ok(order)
     }

@@ -6,9 +6,12 @@
 //! after any restart: downstream deduplicates on the event id. Each instance
 //! also remembers recent answers ([`Answers`], bounded LRU) so that a retry it
 //! has seen gets the very same order back, and a key reused with a different
-//! payload is refused instead of silently naming two orders.
+//! payload is refused instead of silently naming two orders. A key is
+//! reserved while its order is being created, so two calls with one key at
+//! once on one instance never both create it.
 
 use std::{
+    collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     num::NonZeroUsize,
     sync::Mutex,
@@ -53,21 +56,47 @@ pub fn ids_for(order: &NewOrder) -> Ids {
     }
 }
 
-/// What [`Answers::lookup`] found.
-#[derive(Debug, PartialEq)]
-pub enum Seen {
-    /// Never seen (or forgotten): create the order.
-    New,
+/// What [`Answers::reserve`] found.
+#[derive(Debug)]
+pub enum Seen<'a> {
+    /// Never seen (or forgotten), and nobody is creating it: the caller
+    /// creates the order and hands the answer to the [`Reservation`].
+    New(Reservation<'a>),
     /// The same key with the same payload: answer with this order again.
     Replay(Order),
-    /// The same key with another payload.
+    /// The same key with another payload, answered or still being created.
     Conflict,
 }
 
-/// Recent answers to requests that carried a `request_id`, bounded in size.
+/// The fingerprint of the payload under a key, and the order it was answered with.
+type Answer = (u64, Order);
+
+/// A key whose order is being created, and how to wait for it.
+#[derive(Debug)]
+struct InFlight {
+    fingerprint: u64,
+    /// Closed when the creator is done (answered or gave up).
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+#[derive(Debug)]
+struct State {
+    answered: lru::LruCache<Key, Answer>,
+    /// At most one entry per call in flight, so bounded by the in-flight limit.
+    in_flight: HashMap<Key, InFlight>,
+}
+
+type Key = (String, String);
+
+/// Recent answers to requests that carried a `request_id`, bounded in size,
+/// and the keys whose orders are being created right now.
+///
+/// A key is reserved before its order is published, so that of two calls
+/// with one key at once only one creates the order: the other, with the same
+/// payload, waits and gets the same order; with another payload it is refused.
 #[derive(Debug)]
 pub struct Answers {
-    cache: Mutex<lru::LruCache<(String, String), (u64, Order)>>,
+    state: Mutex<State>,
 }
 
 fn fingerprint(order: &NewOrder) -> u64 {
@@ -76,36 +105,98 @@ fn fingerprint(order: &NewOrder) -> u64 {
     h.finish()
 }
 
+fn key(order: &NewOrder) -> Option<Key> {
+    order.request_id.as_ref().map(|r| (order.user_id.clone(), r.clone()))
+}
+
 impl Answers {
     /// Remembers at most `capacity` answers.
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
-            cache: Mutex::new(lru::LruCache::new(capacity)),
+            state: Mutex::new(State {
+                answered: lru::LruCache::new(capacity),
+                in_flight: HashMap::new(),
+            }),
         }
     }
 
-    fn key(order: &NewOrder) -> Option<(String, String)> {
-        order.request_id.as_ref().map(|r| (order.user_id.clone(), r.clone()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Looks `order`'s idempotency key up.
-    pub fn lookup(&self, order: &NewOrder) -> Seen {
-        let Some(key) = Self::key(order) else {
-            return Seen::New;
+    /// Looks `order`'s idempotency key up and reserves it when it is new.
+    /// While another call creates the order of the same key and payload, waits
+    /// for that call's answer (or, if it fails, for the chance to try itself).
+    pub async fn reserve(&self, order: &NewOrder) -> Seen<'_> {
+        let Some(key) = key(order) else {
+            return Seen::New(Reservation {
+                answers: self,
+                key: None,
+            });
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(&key) {
-            None => Seen::New,
-            Some((fp, answer)) if *fp == fingerprint(order) => Seen::Replay(answer.clone()),
-            Some(_) => Seen::Conflict,
+        let fp = fingerprint(order);
+        loop {
+            let mut done = {
+                let mut state = self.lock();
+                match state.answered.get(&key) {
+                    Some((seen, answer)) if *seen == fp => return Seen::Replay(answer.clone()),
+                    Some(_) => return Seen::Conflict,
+                    None => {}
+                }
+                match state.in_flight.get(&key) {
+                    Some(flight) if flight.fingerprint != fp => return Seen::Conflict,
+                    Some(flight) => flight.done.clone(),
+                    None => {
+                        let (tx, rx) = tokio::sync::watch::channel(());
+                        state.in_flight.insert(
+                            key.clone(),
+                            InFlight {
+                                fingerprint: fp,
+                                done: rx,
+                            },
+                        );
+                        return Seen::New(Reservation {
+                            answers: self,
+                            key: Some((key, fp, tx)),
+                        });
+                    }
+                }
+            };
+            // Nothing is ever sent: this returns when the creator drops its
+            // reservation, answered or not; then look again.
+            let _ = done.changed().await;
         }
     }
+}
 
-    /// Remembers the answer given to `order` (only if it has a key).
-    pub fn remember(&self, order: &NewOrder, answer: &Order) {
-        if let Some(key) = Self::key(order) {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.put(key, (fingerprint(order), answer.clone()));
+/// The right to create the order of one idempotency key; dropping it
+/// without [`Reservation::answer`] (the call failed or was cancelled) lets the
+/// next caller with that key try.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    answers: &'a Answers,
+    /// The key, its payload's fingerprint, and what wakes those who wait.
+    key: Option<(Key, u64, tokio::sync::watch::Sender<()>)>,
+}
+
+impl Reservation<'_> {
+    /// Remembers `answer` as the order of the reserved key (if it has one).
+    pub fn answer(mut self, answer: &Order) {
+        if let Some((key, fp, done)) = self.key.take() {
+            let mut state = self.answers.lock();
+            state.in_flight.remove(&key);
+            state.answered.put(key, (fp, answer.clone()));
+            drop(state);
+            drop(done);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some((key, _, done)) = self.key.take() {
+            self.answers.lock().in_flight.remove(&key);
+            drop(done);
         }
     }
 }
@@ -150,28 +241,89 @@ mod tests {
         assert_ne!(a.order_id, a.event_id);
     }
 
-    #[test]
-    fn answers_replay_same_payload_and_refuse_another() {
+    fn answered(seen: Seen<'_>) -> Option<Order> {
+        match seen {
+            Seen::Replay(order) => Some(order),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_replay_same_payload_and_refuse_another() {
         let answers = Answers::new(NonZeroUsize::new(2).unwrap());
         let first = order("u", Some("r"), 1);
-        assert_eq!(answers.lookup(&first), Seen::New);
+        let Seen::New(reservation) = answers.reserve(&first).await else {
+            panic!("a new key is reserved");
+        };
         let answer = Order {
             order_id: "o-1".into(),
             ..Default::default()
         };
-        answers.remember(&first, &answer);
-        assert_eq!(answers.lookup(&first), Seen::Replay(answer));
-        assert_eq!(answers.lookup(&order("u", Some("r"), 2)), Seen::Conflict);
-        assert_eq!(answers.lookup(&order("u", None, 1)), Seen::New);
+        reservation.answer(&answer);
+        assert_eq!(answered(answers.reserve(&first).await), Some(answer));
+        assert!(matches!(
+            answers.reserve(&order("u", Some("r"), 2)).await,
+            Seen::Conflict
+        ));
+        assert!(matches!(answers.reserve(&order("u", None, 1)).await, Seen::New(_)));
     }
 
-    #[test]
-    fn answers_are_bounded() {
+    #[tokio::test]
+    async fn a_key_in_flight_refuses_another_payload_and_holds_back_the_same_one() {
+        let answers = Answers::new(NonZeroUsize::new(8).unwrap());
+        let first = order("u", Some("r"), 1);
+        let Seen::New(reservation) = answers.reserve(&first).await else {
+            panic!("a new key is reserved");
+        };
+        assert!(matches!(
+            answers.reserve(&order("u", Some("r"), 2)).await,
+            Seen::Conflict
+        ));
+        let waiter = answers.reserve(&first);
+        tokio::pin!(waiter);
+        assert!(
+            futures::poll!(waiter.as_mut()).is_pending(),
+            "the same payload waits for the call in flight"
+        );
+        let answer = Order {
+            order_id: "o-1".into(),
+            ..Default::default()
+        };
+        reservation.answer(&answer);
+        assert_eq!(answered(waiter.await), Some(answer));
+    }
+
+    #[tokio::test]
+    async fn a_reservation_given_up_lets_the_next_caller_try() {
+        let answers = Answers::new(NonZeroUsize::new(8).unwrap());
+        let first = order("u", Some("r"), 1);
+        let Seen::New(reservation) = answers.reserve(&first).await else {
+            panic!("a new key is reserved");
+        };
+        let waiter = answers.reserve(&first);
+        tokio::pin!(waiter);
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(reservation);
+        assert!(matches!(waiter.await, Seen::New(_)), "the waiter may create it now");
+        assert!(
+            matches!(answers.reserve(&order("u", Some("r"), 2)).await, Seen::New(_)),
+            "nothing was answered, so another payload is not a conflict"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_are_bounded() {
         let answers = Answers::new(NonZeroUsize::new(2).unwrap());
         for r in ["a", "b", "c"] {
-            answers.remember(&order("u", Some(r), 1), &Order::default());
+            let Seen::New(reservation) = answers.reserve(&order("u", Some(r), 1)).await else {
+                panic!("new");
+            };
+            reservation.answer(&Order::default());
         }
-        assert_eq!(answers.lookup(&order("u", Some("a"), 1)), Seen::New);
-        assert!(matches!(answers.lookup(&order("u", Some("c"), 1)), Seen::Replay(_)));
+        assert!(matches!(answers.reserve(&order("u", Some("a"), 1)).await, Seen::New(_)));
+        assert!(matches!(
+            answers.reserve(&order("u", Some("c"), 1)).await,
+            Seen::Replay(_)
+        ));
     }
 }

@@ -1,10 +1,14 @@
 //! What a hostile caller cannot do: pass a token without the configured
-//! issuer or audience.
+//! issuer or audience, or name two orders with one idempotency key.
+
+use std::collections::HashMap;
 
 use jsonwebtoken::{EncodingKey, Header};
+use orders_contract::v1::{CreateOrderRequest, LineItem};
 use tonic::Code;
+use tonic_types::StatusExt;
 
-use crate::helpers::{spawn_app_with, valid_request};
+use crate::helpers::{spawn_app, spawn_app_with, valid_request};
 
 const SECRET: &str = "a-hardening-secret-that-is-at-least-32-bytes";
 const ISSUER: &str = "https://issuer.test";
@@ -62,5 +66,71 @@ async fn a_token_without_the_configured_issuer_or_audience_is_unauthenticated() 
             .map(|_| Code::Ok)
             .unwrap_or_else(|s| s.code());
         assert_eq!(got, want, "{case}");
+    }
+}
+
+fn keyed(request_id: &str, quantity: u32) -> CreateOrderRequest {
+    CreateOrderRequest {
+        user_id: "racer".into(),
+        currency: "EUR".into(),
+        items: vec![LineItem {
+            sku: "SKU-1".into(),
+            quantity,
+            unit_price_minor: 100,
+        }],
+        request_id: request_id.into(),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_calls_with_one_key_never_name_two_orders() {
+    let app = spawn_app().await;
+    // Two connections, so the two calls of a pair really run side by side.
+    let (a, b) = (app.client().await, app.client().await);
+    let pairs = 40;
+
+    let mut conflicts = 0;
+    for i in 0..pairs {
+        let key = format!("race-{i}");
+        let (mut a, mut b) = (a.clone(), b.clone());
+        let (first, second) = tokio::join!(a.create_order(keyed(&key, 1)), b.create_order(keyed(&key, 2)));
+        let mut by_id: HashMap<String, Vec<i64>> = HashMap::new();
+        for result in [first, second] {
+            match result {
+                Ok(response) => {
+                    let order = response.into_inner().order.expect("an order");
+                    by_id.entry(order.order_id).or_default().push(order.total_minor);
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::InvalidArgument, "{key}: {status:?}");
+                    let fields: Vec<String> = status
+                        .get_error_details()
+                        .bad_request()
+                        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+                        .unwrap_or_default();
+                    assert_eq!(fields, ["request_id"], "{key}: the conflict names request_id");
+                    conflicts += 1;
+                }
+            }
+        }
+        assert_eq!(by_id.len(), 1, "{key}: exactly one call wins: {by_id:?}");
+        for (id, totals) in &by_id {
+            assert_eq!(
+                totals.len(),
+                1,
+                "{key}: order {id} was answered OK with totals {totals:?}"
+            );
+        }
+    }
+    assert_eq!(conflicts, pairs, "every pair has one loser");
+
+    // The same payload twice at once: the very same order for both.
+    for i in 0..pairs {
+        let key = format!("same-{i}");
+        let (mut a, mut b) = (a.clone(), b.clone());
+        let (first, second) = tokio::join!(a.create_order(keyed(&key, 3)), b.create_order(keyed(&key, 3)));
+        let first = first.expect("OK").into_inner().order.expect("an order");
+        let second = second.expect("OK").into_inner().order.expect("an order");
+        assert_eq!(first, second, "{key}: the same order, created_at included");
     }
 }

@@ -1,11 +1,16 @@
 //! Prometheus metrics of order-svc, and the tower layer that measures every
 //! gRPC call (`grpc_server_handled_total`, `grpc_server_handling_seconds`,
 //! labelled as go-grpc-prometheus does so existing dashboards fit).
+//!
+//! Only the methods this server serves get series of their own: any client
+//! can send any path, so a call to anything else is counted under
+//! `grpc_service="unknown", grpc_method="unknown"` and the number of series
+//! stays bounded.
 
 use std::{
     collections::HashMap,
     pin::Pin,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock},
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -16,6 +21,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+use prost::Message as _;
 use tower::{Layer, Service};
 
 /// Labels of `grpc_server_handled_total`.
@@ -59,14 +65,67 @@ pub struct Metrics {
     pub produce_seconds: Histogram,
     /// `kafka_produce_errors_total`.
     pub produce_errors: Counter,
-    /// Each route's series of `handling_seconds` and `handled`, resolved
-    /// once, so a call costs no label allocation or family lookup.
-    routes: RwLock<HashMap<Box<str>, Arc<RouteMetrics>>>,
+    /// Each served route's series of `handling_seconds` and `handled`,
+    /// resolved on its first call, so a call costs no label allocation or
+    /// family lookup. Fixed at start: the key set is the served methods.
+    routes: HashMap<Box<str>, Route>,
+    /// The series of every path this server does not serve.
+    unknown: Route,
 }
 
-/// Most routes [`Metrics`] keeps resolved series for; calls to further
-/// (unknown) paths look their series up each time, as before.
-const MAX_CACHED_ROUTES: usize = 64;
+/// The label value of the service and method of a path this server does not serve.
+pub const UNKNOWN: &str = "unknown";
+
+/// The encoded descriptor sets of the services order-svc serves: the order
+/// API, health, and reflection v1 and v1alpha.
+const SERVED: [&[u8]; 4] = [
+    orders_contract::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
+/// The labels of every method in [`SERVED`], by path (`/package.Service/Method`).
+fn served_routes() -> impl Iterator<Item = (String, MethodLabels)> {
+    SERVED
+        .into_iter()
+        .filter_map(|encoded| prost_types::FileDescriptorSet::decode(encoded).ok())
+        .flat_map(|set| set.file)
+        .flat_map(|file| {
+            let package = file.package().to_owned();
+            file.service.into_iter().flat_map(move |service| {
+                let grpc_service = if package.is_empty() {
+                    service.name().to_owned()
+                } else {
+                    format!("{package}.{}", service.name())
+                };
+                service.method.into_iter().map(move |method| {
+                    let labels = MethodLabels {
+                        grpc_service: grpc_service.clone(),
+                        grpc_method: method.name().to_owned(),
+                    };
+                    (format!("/{}/{}", labels.grpc_service, labels.grpc_method), labels)
+                })
+            })
+        })
+}
+
+/// A route's labels and its series, created on the route's first call (so a
+/// method's series appear when it is first called).
+#[derive(Debug)]
+struct Route {
+    labels: MethodLabels,
+    series: OnceLock<Arc<RouteMetrics>>,
+}
+
+impl Route {
+    fn new(labels: MethodLabels) -> Self {
+        Self {
+            labels,
+            series: OnceLock::new(),
+        }
+    }
+}
 
 /// The gRPC status codes, by number (0..=16).
 const CODES: usize = 17;
@@ -114,7 +173,13 @@ impl Metrics {
             handling_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             produce_seconds: Histogram::new(latency_buckets()),
             produce_errors: Counter::default(),
-            routes: RwLock::new(HashMap::new()),
+            routes: served_routes()
+                .map(|(path, labels)| (path.into_boxed_str(), Route::new(labels)))
+                .collect(),
+            unknown: Route::new(MethodLabels {
+                grpc_service: UNKNOWN.to_owned(),
+                grpc_method: UNKNOWN.to_owned(),
+            }),
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -145,25 +210,14 @@ impl Metrics {
         metrics
     }
 
-    /// The series of the route at `path` (`/package.Service/Method`).
+    /// The series of the route at `path` (`/package.Service/Method`): its
+    /// own when this server serves it, else the `unknown` ones.
     fn route(&self, path: &str) -> Arc<RouteMetrics> {
-        if let Some(route) = self.routes.read().unwrap_or_else(|e| e.into_inner()).get(path) {
-            return route.clone();
-        }
-        let mut parts = path.trim_start_matches('/').splitn(2, '/');
-        let labels = MethodLabels {
-            grpc_service: parts.next().unwrap_or_default().to_owned(),
-            grpc_method: parts.next().unwrap_or_default().to_owned(),
-        };
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(route) = routes.get(path) {
-            return route.clone();
-        }
-        let route = Arc::new(RouteMetrics::new(self, labels));
-        if routes.len() < MAX_CACHED_ROUTES {
-            routes.insert(path.into(), route.clone());
-        }
+        let route = self.routes.get(path).unwrap_or(&self.unknown);
         route
+            .series
+            .get_or_init(|| Arc::new(RouteMetrics::new(self, route.labels.clone())))
+            .clone()
     }
 }
 
@@ -318,5 +372,43 @@ impl<B: Body> Body for MeteredBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_methods_have_their_own_labels_and_other_paths_share_one() {
+        let metrics = Metrics::new(&mut Registry::default());
+        for (path, service, method) in [
+            (
+                "/orders.v1.OrderService/CreateOrder",
+                "orders.v1.OrderService",
+                "CreateOrder",
+            ),
+            ("/grpc.health.v1.Health/Check", "grpc.health.v1.Health", "Check"),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            ("/orders.v1.OrderService/Nope", UNKNOWN, UNKNOWN),
+            ("/x.Y/M1", UNKNOWN, UNKNOWN),
+            ("", UNKNOWN, UNKNOWN),
+        ] {
+            let labels = &metrics.route(path).labels;
+            assert_eq!(
+                (labels.grpc_service.as_str(), labels.grpc_method.as_str()),
+                (service, method),
+                "{path}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! What a hostile caller cannot do: pass a token without the configured
-//! issuer or audience, or name two orders with one idempotency key.
+//! issuer or audience, name two orders with one idempotency key, or mint
+//! metric series with made-up paths.
 
 use std::collections::HashMap;
 
@@ -133,4 +134,55 @@ async fn concurrent_calls_with_one_key_never_name_two_orders() {
         let second = second.expect("OK").into_inner().order.expect("an order");
         assert_eq!(first, second, "{key}: the same order, created_at included");
     }
+}
+
+fn lines(metrics: &str) -> usize {
+    metrics.lines().count()
+}
+
+#[tokio::test]
+async fn calls_to_paths_this_server_does_not_serve_share_one_bounded_series() {
+    let app = spawn_app().await;
+    let channel = app.channel().await;
+    let call = |path: String| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        async move {
+            grpc.ready().await.expect("channel ready");
+            grpc.unary(
+                tonic::Request::new(()),
+                http::uri::PathAndQuery::try_from(path).unwrap(),
+                tonic_prost::ProstCodec::<(), ()>::default(),
+            )
+            .await
+            .expect_err("not served")
+            .code()
+        }
+    };
+    // A served call and one unknown path first, so their series exist.
+    let mut client = app.client().await;
+    client.create_order(valid_request("user-1")).await.expect("OK");
+    assert_eq!(call("/x.Y/M0".into()).await, Code::Unimplemented);
+    let before = app.metrics().await;
+
+    for i in 1..=200 {
+        assert_eq!(call(format!("/x.Y/M{i}")).await, Code::Unimplemented);
+    }
+    assert_eq!(
+        call("/orders.v1.OrderService/DeleteEverything".into()).await,
+        Code::Unimplemented
+    );
+    let after = app.metrics().await;
+    assert!(
+        lines(&after) <= lines(&before),
+        "/metrics grew from {} to {} lines:\n{after}",
+        lines(&before),
+        lines(&after)
+    );
+    assert!(!after.contains("x.Y") && !after.contains("M17"), "{after}");
+    let unknown =
+        r#"grpc_server_handled_total{grpc_service="unknown",grpc_method="unknown",grpc_code="Unimplemented"}"#;
+    assert_eq!(testkit::metric(&after, unknown), Some(202.0), "{after}");
+    let served =
+        r#"grpc_server_handled_total{grpc_service="orders.v1.OrderService",grpc_method="CreateOrder",grpc_code="OK"}"#;
+    assert_eq!(testkit::metric(&after, served), Some(1.0), "{after}");
 }

@@ -9,6 +9,8 @@ pub const MAX_ITEMS: usize = 100;
 pub const MAX_SKU_CHARS: usize = 64;
 /// Longest user id and request id, in characters.
 pub const MAX_ID_CHARS: usize = 128;
+/// What a field with a control character is told.
+const NO_CONTROL: &str = "must not contain control characters (such as line breaks)";
 
 /// One rule a request broke: the field (as a path such as `items[2].sku`) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +33,7 @@ impl FieldViolation {
 /// A validated line.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LineItem {
-    /// 1 to 64 characters.
+    /// 1 to 64 characters, no control characters.
     pub sku: String,
     /// At least 1.
     pub quantity: u32,
@@ -42,7 +44,7 @@ pub struct LineItem {
 /// A validated request to create an order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NewOrder {
-    /// Non-empty.
+    /// Not blank, at most 128 characters, no control characters.
     pub user_id: String,
     /// Three upper-case ASCII letters.
     pub currency: String,
@@ -50,7 +52,8 @@ pub struct NewOrder {
     pub items: Vec<LineItem>,
     /// Sum of quantity * unit price; fits in an i64.
     pub total_minor: i64,
-    /// The caller's idempotency key, if any.
+    /// The caller's idempotency key, if any: at most 128 characters, no
+    /// control characters.
     pub request_id: Option<String>,
 }
 
@@ -66,6 +69,8 @@ impl TryFrom<CreateOrderRequest> for NewOrder {
                 "user_id",
                 format!("must be at most {MAX_ID_CHARS} characters"),
             ));
+        } else if has_control(&req.user_id) {
+            violations.push(FieldViolation::new("user_id", NO_CONTROL));
         }
         if !is_currency_code(&req.currency) {
             violations.push(FieldViolation::new(
@@ -81,6 +86,8 @@ impl TryFrom<CreateOrderRequest> for NewOrder {
                 "request_id",
                 format!("must be at most {MAX_ID_CHARS} characters"),
             ));
+        } else if has_control(&req.request_id) {
+            violations.push(FieldViolation::new("request_id", NO_CONTROL));
         }
         if req.items.is_empty() || req.items.len() > MAX_ITEMS {
             violations.push(FieldViolation::new(
@@ -131,6 +138,8 @@ fn validate_item(i: usize, item: ProtoLineItem, violations: &mut Vec<FieldViolat
             format!("items[{i}].sku"),
             format!("must be 1 to {MAX_SKU_CHARS} characters, got {sku_chars}"),
         ));
+    } else if has_control(&item.sku) {
+        violations.push(FieldViolation::new(format!("items[{i}].sku"), NO_CONTROL));
     }
     if item.quantity < 1 {
         violations.push(FieldViolation::new(
@@ -149,6 +158,14 @@ fn validate_item(i: usize, item: ProtoLineItem, violations: &mut Vec<FieldViolat
         quantity: item.quantity,
         unit_price_minor: item.unit_price_minor,
     })
+}
+
+/// Whether `s` has a character that can break a line or a terminal where it
+/// is shown: a control character (C0, DEL, C1) or a Unicode line or paragraph
+/// separator. Identifiers end up in log lines and other systems' records.
+fn has_control(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
 }
 
 fn is_currency_code(s: &str) -> bool {
@@ -246,6 +263,36 @@ mod tests {
         let mut r = valid();
         r.request_id = "r".repeat(MAX_ID_CHARS + 1);
         assert_eq!(fields(r), ["request_id"]);
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_string_field() {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\tx",
+            "x\u{0}",
+            "x\u{1b}[31m",
+            "x\u{7f}",
+            "x\u{85}",
+            "x\u{2028}",
+        ] {
+            let mut r = valid();
+            r.user_id = bad.into();
+            r.request_id = bad.into();
+            r.currency = bad.into();
+            r.items[1].sku = bad.into();
+            assert_eq!(
+                fields(r),
+                ["user_id", "currency", "request_id", "items[1].sku"],
+                "{bad:?}"
+            );
+        }
+        let mut r = valid();
+        r.user_id = "ünïcödé user ✓".into();
+        r.request_id = "key with spaces".into();
+        r.items[0].sku = "SKU é".into();
+        assert!(NewOrder::try_from(r).is_ok(), "printable Unicode is fine");
     }
 
     #[test]

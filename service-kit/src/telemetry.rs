@@ -2,7 +2,9 @@
 //!
 //! [`init`] installs one subscriber per process: human-readable lines by
 //! default or one JSON object per line (`LOG_FORMAT=json`), filtered by
-//! `RUST_LOG` (default `info`); and W3C trace context for every span. With
+//! `RUST_LOG` (default `info`); and W3C trace context for every span. Text
+//! lines escape control characters in what they print ([`EscapedFields`]),
+//! so one event is always one line whatever its fields hold. With
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` set, the OpenTelemetry layer records spans and
 //! exports them over OTLP. Without it nothing would receive the spans, so a
 //! small propagation-only layer gives each span its trace id and span id (a
@@ -250,7 +252,7 @@ where
 
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => fmt.fmt_fields(EscapedFields).boxed(),
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
@@ -278,6 +280,88 @@ where
         .try_init()?;
     EXPORTING.store(exporting, Ordering::Relaxed);
     Ok(Telemetry { provider })
+}
+
+/// The text format's fields, as tracing-subscriber's default formats them
+/// (`message` bare, then `name=value`, strings quoted), with every control
+/// character and Unicode line or paragraph separator escaped: a field holding
+/// input from the network (a user id in an event, say) cannot start a forged
+/// line or drive the terminal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            out: Escaped(writer),
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<W> {
+    out: Escaped<W>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl<W: std::fmt::Write> tracing::field::Visit for EscapingVisitor<W> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"))
+        } else {
+            self.record_debug(field, &value)
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let name = field.name();
+        // Metadata of `log` records, already in the line's prefix.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let pad = if std::mem::take(&mut self.first) { "" } else { " " };
+        // Names are the program's own; only values are escaped.
+        self.result = match name {
+            "message" => write!(self.out.0, "{pad}").and_then(|()| write!(self.out, "{value:?}")),
+            name => write!(self.out.0, "{pad}{}=", name.trim_start_matches("r#"))
+                .and_then(|()| write!(self.out, "{value:?}")),
+        };
+    }
+}
+
+/// Writes what it is given with control characters and Unicode line and
+/// paragraph separators escaped (`\n`, `\r`, `\t`, `\u{1b}`, ...).
+struct Escaped<W>(W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaped<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(needs_escape) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// The W3C trace context headers (`traceparent`, and `tracestate` when it is
@@ -489,6 +573,59 @@ mod tests {
         drop(batch);
         hold_or_write(b"e\n", &mut closed).unwrap();
         assert_eq!(closed, b"d\ne\n", "no batch open again: written at once");
+    }
+
+    /// A text line's fields cannot break the line: control characters in
+    /// values (and in the message) are escaped, everything else is as
+    /// tracing-subscriber's default format prints it.
+    #[test]
+    fn text_fields_escape_control_characters() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .without_time()
+                .fmt_fields(EscapedFields)
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let user = "eve\nINFO notification: order created user_id=victim\r\u{1b}[2J\u{2028}";
+            let span = tracing::info_span!("event", user_id = %user, n = 1);
+            span.in_scope(|| {
+                tracing::info!(user_id = %user, quoted = user, total = 5, "notification: {}", user);
+                tracing::info!(plain = %"demo-user", "order created");
+            });
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "one event, one line: {text}");
+        let escaped = r"eve\nINFO notification: order created user_id=victim\r\u{1b}[2J\u{2028}";
+        assert!(
+            text.contains(&format!("event{{user_id={escaped} n=1}}")),
+            "span fields escaped: {text}"
+        );
+        assert!(
+            text.contains(&format!("notification: {escaped} user_id={escaped} ")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"quoted="eve\nINFO"#),
+            "strings are quoted as before: {text}"
+        );
+        assert!(text.contains("total=5"), "{text}");
+        assert!(text.contains("order created plain=demo-user"), "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
     }
 
     /// The hand-written traceparent is byte for byte the propagator's.

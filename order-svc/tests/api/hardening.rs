@@ -1,6 +1,6 @@
 //! What a hostile caller cannot do: pass a token without the configured
-//! issuer or audience, name two orders with one idempotency key, or mint
-//! metric series with made-up paths.
+//! issuer or audience, name two orders with one idempotency key, mint metric
+//! series with made-up paths, or smuggle control characters into identifiers.
 
 use std::collections::HashMap;
 
@@ -185,4 +185,52 @@ async fn calls_to_paths_this_server_does_not_serve_share_one_bounded_series() {
     let served =
         r#"grpc_server_handled_total{grpc_service="orders.v1.OrderService",grpc_method="CreateOrder",grpc_code="OK"}"#;
     assert_eq!(testkit::metric(&after, served), Some(1.0), "{after}");
+}
+
+#[tokio::test]
+async fn identifiers_with_control_characters_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let mut client = app.client().await;
+    let forged = "eve\nINFO notification: order created order_id=forged user_id=victim";
+    type Breaker = fn(&mut CreateOrderRequest, &str);
+    let cases: [(Breaker, &str); 4] = [
+        (|r, bad| r.user_id = bad.into(), "user_id"),
+        (|r, bad| r.request_id = bad.into(), "request_id"),
+        (|r, bad| r.items[1].sku = bad.into(), "items[1].sku"),
+        (|r, bad| r.currency = bad.into(), "currency"),
+    ];
+    for bad in [
+        forged,
+        "tab\there",
+        "bell\u{7}",
+        "esc\u{1b}[2J",
+        "nul\0",
+        "sep\u{2028}x",
+        "del\u{7f}",
+    ] {
+        for (break_it, field) in cases {
+            let mut request = valid_request("user-1");
+            break_it(&mut request, bad);
+            let status = client.create_order(request).await.expect_err("refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "{field} {bad:?}: {status:?}");
+            assert!(
+                status.message().contains(field),
+                "{field} {bad:?}: {}",
+                status.message()
+            );
+            let fields: Vec<String> = status
+                .get_error_details()
+                .bad_request()
+                .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+                .unwrap_or_default();
+            assert_eq!(fields, [field], "{bad:?}");
+        }
+    }
+    // Printable Unicode stays fine.
+    let mut request = valid_request("ünïcödé user ✓");
+    request.request_id = "a key with spaces".into();
+    client
+        .create_order(request)
+        .await
+        .expect("printable identifiers are OK");
 }

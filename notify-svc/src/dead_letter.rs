@@ -2,6 +2,10 @@
 //! with their original key, value and headers, plus headers saying where they
 //! came from and why they failed. A record is only let go of (its offset
 //! stored) once the dead-letter topic has acknowledged it.
+//!
+//! The original's own `dlq.*` headers are not copied: a reader of a dead
+//! letter's `dlq.*` headers reads only what notify-svc wrote, whatever the
+//! producer of the original put in its record.
 
 use std::time::Duration;
 
@@ -17,6 +21,9 @@ use crate::consumer::{ERROR_LOG_INTERVAL, Throttled};
 
 /// Header names added to a dead-lettered record.
 pub mod header {
+    /// The prefix of every header below; headers of the original with it are
+    /// left out of its dead letter.
+    pub const PREFIX: &str = "dlq.";
     /// Topic the record was consumed from.
     pub const ORIGINAL_TOPIC: &str = "dlq.original.topic";
     /// Its partition.
@@ -134,7 +141,7 @@ impl DeadLetters {
     async fn publish_trimmed(&self, original: &OwnedMessage, failure: &Failure, trim: Trim) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let (Some(h), false) = (original.headers(), trim == Trim::ValueAndHeaders) {
-            for header in h.iter() {
+            for header in h.iter().filter(|h| !is_dead_letter_header(h.key)) {
                 headers = headers.insert(Header {
                     key: header.key,
                     value: header.value,
@@ -195,10 +202,32 @@ impl DeadLetters {
     }
 }
 
+/// Whether `key` is in the dead-letter headers' namespace (compared without
+/// regard to ASCII case, as some readers look headers up).
+fn is_dead_letter_header(key: &str) -> bool {
+    key.get(..header::PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(header::PREFIX))
+}
+
 /// How much of a record is left out of its dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trim {
     Nothing,
     Value,
     ValueAndHeaders,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_dead_letter_namespace_is_left_out() {
+        for key in ["dlq.error.class", "DLQ.error.class", "dlq.", "Dlq.x"] {
+            assert!(is_dead_letter_header(key), "{key}");
+        }
+        for key in ["ce_id", "traceparent", "dlq", "dl", "", "x.dlq.error.class", "é"] {
+            assert!(!is_dead_letter_header(key), "{key}");
+        }
+    }
 }

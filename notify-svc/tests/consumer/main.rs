@@ -5,6 +5,7 @@
 mod configuration;
 mod dead_letters;
 mod delivery;
+mod hardening;
 mod helpers;
 mod offsets;
 mod operations;

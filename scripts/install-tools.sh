@@ -68,3 +68,6 @@ if [ -f tests/node/package-lock.json ]; then
     echo "$lock" > tests/node/node_modules/.lock.sha256
   fi
 fi
+
+# The Java peer (tests/java): Maven resolves its pinned plugins and libraries.
+tests/java/install.sh

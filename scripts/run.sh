@@ -63,9 +63,8 @@ for topic in orders:3 orders.dlq:1; do
 done
 
 export KAFKA_BROKERS="127.0.0.1:$BROKER_PORT"
-# Tansu needs a short session timeout for fast joins and a short fetch wait
-# for low latency (see the README's configuration section).
-export KAFKA_OPTIONS="session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10"
+# What Tansu needs from its clients (the file says why).
+export KAFKA_OPTIONS="$(grep -v '^#' "$root/scripts/tansu-kafka-options")"
 echo "==> starting notify-svc (metrics :$NOTIFY_METRICS_PORT) and order-svc (gRPC :$GRPC_PORT, metrics :$ORDER_METRICS_PORT)"
 METRICS_ADDR="0.0.0.0:$NOTIFY_METRICS_PORT" setsid "$bin/notify-svc" >"$run/notify-svc.log" 2>&1 &
 notify_pid=$!

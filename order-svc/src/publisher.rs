@@ -2,13 +2,15 @@
 //!
 //! The producer is idempotent with `acks=all`, so an acknowledged record is on
 //! every in-sync replica exactly once. Every publish has a deadline
-//! (`PUBLISH_TIMEOUT`): past it the caller gets [`Kind::Unavailable`] and the
-//! producer *generation* that failed is replaced by a fresh one. Replacing
-//! rather than waiting out librdkafka's own `message.timeout.ms` keeps answers
-//! bounded while the broker is away, and avoids the idempotent producer's
-//! epoch bump after a timed-out record, which some brokers (Tansu 0.6) do not
-//! survive. The old generation is dropped (its queue purged) once the last
-//! call using it has returned.
+//! (`PUBLISH_TIMEOUT`): past it the caller gets [`Kind::Unavailable`] while
+//! the record stays queued, so a timed-out call may still be published (a
+//! retry with the same `request_id` is safe: same order, same event id).
+//! Timeouts and broker outages are the idempotent producer's own business
+//! (it retries, and bumps its epoch after a timed-out record). What it cannot
+//! recover from is its *fatal* state (for example a sequence gap the broker
+//! refuses): every send then fails at once. So a fatal producer *generation*
+//! is replaced by a fresh one, with a new producer id; the old one is dropped
+//! (its queue purged) once the last call using it has returned.
 
 use std::{
     sync::{Arc, RwLock},
@@ -106,7 +108,7 @@ impl PublishError {
     }
 }
 
-/// One producer instance; replaced as a whole when it fails.
+/// One producer instance; replaced as a whole when it turns fatal.
 struct Generation {
     id: u64,
     producer: Option<AckProducer>,
@@ -181,9 +183,13 @@ impl Publisher {
         self.current().producer().clone()
     }
 
-    /// Replaces generation `failed` with a new producer, unless that happened
-    /// already.
-    fn replace(&self, failed: u64) {
+    /// Replaces `generation` with a new producer if librdkafka has put it in
+    /// its fatal state (unless that happened already).
+    fn replace_if_fatal(&self, generation: &Generation) {
+        let Some((code, reason)) = generation.producer().client().fatal_error() else {
+            return;
+        };
+        let failed = generation.id;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.id != failed {
             return;
@@ -192,7 +198,9 @@ impl Publisher {
             Ok(producer) => {
                 tracing::warn!(
                     generation = failed + 1,
-                    "replacing the Kafka producer after a failed delivery"
+                    error = ?code,
+                    reason,
+                    "replacing the Kafka producer: the old one is in its fatal state"
                 );
                 *current = Arc::new(Generation {
                     id: failed + 1,
@@ -239,22 +247,19 @@ impl Publisher {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                 return Err(PublishError::QueueFull);
             }
-            Err(error) => return Err(PublishError::Kafka(error)),
+            Err(error) => {
+                self.replace_if_fatal(&generation);
+                return Err(PublishError::Kafka(error));
+            }
         };
         match tokio::time::timeout(self.deadline, delivery).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(KafkaError::Canceled)) => Err(PublishError::Canceled),
             Ok(Err(error)) => {
-                let error = PublishError::Kafka(error);
-                if error.kind() == Kind::Unavailable {
-                    self.replace(generation.id);
-                }
-                Err(error)
+                self.replace_if_fatal(&generation);
+                Err(PublishError::Kafka(error))
             }
-            Err(_elapsed) => {
-                self.replace(generation.id);
-                Err(PublishError::Timeout(self.deadline))
-            }
+            Err(_elapsed) => Err(PublishError::Timeout(self.deadline)),
         }
     }
 

@@ -26,11 +26,13 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 
-pub use kafka::kafka_libs;
 use kafka::KafkaNode;
+pub use kafka::kafka_libs;
 pub use tansu::tansu_bin;
 
 use crate::free_port;
+
+const TANSU_OPTIONS: &str = include_str!("../../scripts/tansu-kafka-options");
 
 /// Which broker the tests run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +54,16 @@ impl BrokerKind {
     }
 
     /// librdkafka settings the services get in tests on this broker, as
-    /// `KAFKA_OPTIONS`. On both: a 6 s session so a killed member's
-    /// partitions move within seconds. On Tansu also short fetch waits,
-    /// since Tansu sleeps for the whole `fetch.wait.max.ms` before it looks
-    /// for data.
+    /// `KAFKA_OPTIONS`. On Apache Kafka: a 6 s session, so a killed member's
+    /// partitions move within seconds. On Tansu: what
+    /// `scripts/tansu-kafka-options` says it needs.
     pub fn client_options(self) -> &'static str {
         match self {
             BrokerKind::Kafka => "session.timeout.ms=6000,heartbeat.interval.ms=1000",
-            BrokerKind::Tansu => "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10",
+            BrokerKind::Tansu => TANSU_OPTIONS
+                .lines()
+                .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .expect("scripts/tansu-kafka-options has its options line"),
         }
     }
 }
@@ -101,10 +105,13 @@ impl Tls {
     fn create(dir: &Path) -> anyhow::Result<Self> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "orders testkit CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "orders testkit CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
         let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?.signed_by(&key, &ca)?;
+        let cert =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?.signed_by(&key, &ca)?;
         let tls = Tls {
             keystore: dir.join("broker-keystore.pem"),
             ca: dir.join("ca.pem"),
@@ -241,7 +248,9 @@ impl Broker {
     }
 
     async fn launch(kind: BrokerKind, security: Security) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix(&format!("{kind:?}-").to_lowercase()).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{kind:?}-").to_lowercase())
+            .tempdir()?;
         let node = match kind {
             BrokerKind::Kafka => {
                 let (path, settings) = (dir.path().to_owned(), security.clone());
@@ -419,15 +428,27 @@ impl Broker {
     }
 
     fn admin_client<C: rdkafka::config::FromClientConfig>(&self) -> anyhow::Result<C> {
-        Ok(ClientConfig::new().set("bootstrap.servers", self.admin_addr()).create()?)
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", self.admin_addr())
+            .create()?)
     }
 
     /// Creates `name` with `partitions` partitions.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        self.create_topic_with(name, partitions, &[]).await
+    }
+
+    /// Creates `name` with `partitions` partitions and topic `configs` (for
+    /// example `max.message.bytes`).
+    pub async fn create_topic_with(&self, name: &str, partitions: i32, configs: &[(&str, &str)]) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.admin_client()?;
+        let topic = configs.iter().fold(
+            NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+            |t, (k, v)| t.set(k, v),
+        );
         let results = admin
             .create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &[topic],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await?;

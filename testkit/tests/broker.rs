@@ -53,7 +53,9 @@ async fn a_broker_without_its_jars_says_so() {
 #[tokio::test]
 #[ignore = "run by a_broker_without_its_jars_says_so in a child process"]
 async fn missing_jars_child() {
-    let err = Broker::start_kind(BrokerKind::Kafka).await.expect_err("no jars, no broker");
+    let err = Broker::start_kind(BrokerKind::Kafka)
+        .await
+        .expect_err("no jars, no broker");
     let text = format!("{err:#}");
     assert!(text.contains("/nonexistent/kafka-libs"), "{text}");
     println!("missing-jars-ok");

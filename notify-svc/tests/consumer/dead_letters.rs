@@ -198,7 +198,15 @@ async fn a_record_over_max_record_bytes_is_dead_lettered() {
 
 #[tokio::test]
 async fn a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_its_value() {
-    let (broker, topic, group) = broker_with_topic(1).await;
+    let broker = testkit::Broker::shared().await.unwrap();
+    let (topic, group) = (testkit::unique("orders"), testkit::unique("notify"));
+    // The orders topic takes the record; the dead-letter topic keeps the
+    // broker's default limit (about 1 MB).
+    broker
+        .create_topic_with(&topic, 1, &[("max.message.bytes", "4000000")])
+        .await
+        .unwrap();
+    broker.create_topic(&format!("{topic}.dlq"), 1).await.unwrap();
     let receiver = Receiver::start().await;
     let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
     // Over the dead-letter producer's 1 MB message.max.bytes.

@@ -104,7 +104,12 @@ impl KafkaNode {
         format
             .args(["-Xms64m", "-Xmx256m", "-cp"])
             .arg(classpath()?)
-            .args(["kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted"])
+            .args([
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "--ignore-formatted",
+            ])
             .args(["-t", CLUSTER_ID, "-c"])
             .arg(node.properties_path());
         if let Some((user, password)) = &security.sasl {
@@ -157,7 +162,11 @@ impl KafkaNode {
             }
             if let Some(tls) = &security.tls {
                 writeln!(p, "listener.name.external.ssl.keystore.type=PEM")?;
-                writeln!(p, "listener.name.external.ssl.keystore.location={}", tls.keystore.display())?;
+                writeln!(
+                    p,
+                    "listener.name.external.ssl.keystore.location={}",
+                    tls.keystore.display()
+                )?;
             }
         }
         writeln!(p, "listeners={listeners}")?;

@@ -64,7 +64,14 @@ pub(super) fn spawn(dir: &Path, port: u16, authentication: bool) -> anyhow::Resu
 /// so it runs before authentication is switched on).
 pub(super) fn create_user(port: u16, user: &str, password: &str) -> anyhow::Result<()> {
     let created = Command::new(tansu_bin()?)
-        .args(["user", "create", user, password, "--broker", &format!("tcp://127.0.0.1:{port}")])
+        .args([
+            "user",
+            "create",
+            user,
+            password,
+            "--broker",
+            &format!("tcp://127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()?;

@@ -14,6 +14,7 @@ package peer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"regexp"
@@ -44,7 +45,14 @@ var (
 const (
 	rpcTimeout     = 15 * time.Second
 	consumeTimeout = 90 * time.Second
+	// How long MEMBER_ID_REQUIRED answers are borne before the broker is
+	// taken not to speak kafka-go's JoinGroup versions.
+	memberIDRequiredGrace = 10 * time.Second
 )
+
+// brokerGap starts the failure message of a broker that kafka-go's consumer
+// group cannot work with, so that a caller can tell it from a contract failure.
+const brokerGap = "BROKER GAP"
 
 func requireEnv(t *testing.T, name string) string {
 	t.Helper()
@@ -207,6 +215,7 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 
 	ctx, cancel := context.WithTimeout(t.Context(), consumeTimeout)
 	defer cancel()
+	started := time.Now()
 	found := map[string][]kafka.Message{}
 	var read []kafka.Message
 	var otherKeys []string
@@ -217,6 +226,14 @@ func consume(t *testing.T, brokers []string, topic string, want map[string]*orde
 			// The reader hands over group errors (a coordinator that is not
 			// ready yet, a rebalance) and retries by itself: keep fetching.
 			groupErrors = append(groupErrors, err.Error())
+			// kafka-go joins with JoinGroup v1/v2 and drops the member id of a
+			// MEMBER_ID_REQUIRED answer, which KIP-394 allows only from v4 on:
+			// against a broker that sends it anyway it would retry forever.
+			if errors.Is(err, kafka.MemberIDRequired) && time.Since(started) > memberIDRequiredGrace {
+				t.Fatalf("%s: the broker keeps answering kafka-go's JoinGroup (v1/v2) with MEMBER_ID_REQUIRED, "+
+					"which KIP-394 reserves for JoinGroup v4 and later, so kafka-go cannot join group %s "+
+					"(Tansu 0.6 does this; Apache Kafka does not). Last error: %v", brokerGap, group, err)
+			}
 			continue
 		}
 		if err != nil {

@@ -69,5 +69,7 @@ if [ -f tests/node/package-lock.json ]; then
   fi
 fi
 
-# The Java peer (tests/java): Maven resolves its pinned plugins and libraries.
+# The Go and Java peers (tests/go, tests/java): their pinned modules, plugins
+# and libraries.
+tests/go/install.sh
 tests/java/install.sh

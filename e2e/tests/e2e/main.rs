@@ -1,7 +1,9 @@
 //! End-to-end tests: the real `order-svc` and `notify-svc` binaries against a
-//! real Tansu broker (sqlite storage), one broker and unique topics and groups
-//! per test, driven the way a user drives them: a generated gRPC client, the
-//! services' output, the records on the topic, a webhook receiver.
+//! real Apache Kafka broker (Tansu with `TEST_BROKER=tansu`), shared by the
+//! tests that isolate themselves with unique topics and groups, and one of
+//! their own for tests that stop or kill it; driven the way a user drives
+//! them: a generated gRPC client, the services' output, the records on the
+//! topic, a webhook receiver.
 //!
 //! Build the binaries first: `cargo build --workspace --bins && cargo test -p e2e`.
 //! `TEST_LOG=1` echoes the services' output.
@@ -13,5 +15,6 @@ mod hardening;
 mod helpers;
 mod idempotency;
 mod outage;
+mod security;
 mod shutdown;
 mod telemetry;

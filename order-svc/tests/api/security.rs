@@ -332,7 +332,7 @@ async fn kafka_sasl_scram_authenticates_and_the_password_never_shows() {
             c.kafka.security.kafka_sasl_password = Some(password.parse().unwrap());
         }
     };
-    let refused = spawn_app_on(testkit::Broker::start().await.unwrap(), topic.clone(), |c| {
+    let refused = spawn_app_on(testkit::Broker::shared().await.unwrap(), topic.clone(), |c| {
         c.kafka.security.kafka_security_protocol = Some("sasl_plaintext".into());
     })
     .await

@@ -1,14 +1,19 @@
-//! The consumer-group member: fetches records, runs one worker per assigned
-//! partition (records of a partition are handled in order; partitions proceed
-//! independently while their buffers have room), stores each record's offset
-//! only after it is handled, and commits on
-//! revoke, periodically (librdkafka's auto-commit of *stored* offsets) and on
-//! shutdown.
+//! The consumer-group member: a fetch loop on a thread of its own polls the
+//! client (records, rebalances, statistics) and hands each record to its
+//! partition's worker through a bounded buffer; records of a partition are
+//! handled in order and partitions proceed independently. When one
+//! partition's buffer is full, that partition alone is paused and its records
+//! are held until the worker has room, so a slow partition never stops the
+//! others, the group membership or the statistics readiness is built on.
+//! Each record's offset is stored only after it is handled; stored offsets are
+//! committed periodically (librdkafka's auto-commit of *stored* offsets), on
+//! revoke (after the revoked partitions' work in hand has finished or been
+//! abandoned) and on shutdown.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -16,14 +21,18 @@ use std::{
 
 use rdkafka::{
     ClientContext,
-    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
     error::{KafkaError, KafkaResult, RDKafkaErrorCode},
     message::{Message, OwnedMessage},
     statistics::Statistics,
     topic_partition_list::TopicPartitionList,
 };
 use service_kit::telemetry::LogBatch;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    runtime::Handle,
+    sync::mpsc::{self, error::TrySendError},
+    task::{AbortHandle, JoinSet},
+};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
@@ -76,31 +85,41 @@ struct Worker {
     tx: mpsc::Sender<OwnedMessage>,
     /// Cancelled on revoke or shutdown: finish the record in hand, then stop.
     stop: CancellationToken,
-    /// Cancelled on revoke only: the partition is someone else's now, so
-    /// offsets must not be stored for it.
-    revoked: CancellationToken,
+    /// Cancelled when a revoked partition's work is abandoned at the drain
+    /// deadline: the partition is someone else's now, so no offset may be
+    /// stored for it.
+    abandon: CancellationToken,
     /// Cancelled when the worker's task has ended (returned or aborted).
     done: CancellationToken,
+    task: AbortHandle,
+    /// The offset after the last record handed to this worker or held for it.
+    /// A record below it is one the client fetched again (it refetches a
+    /// resumed partition from the position the application reached) and is
+    /// already on its way.
+    next_offset: i64,
 }
 
-/// The workers of the assigned partitions, and the `done` signals of revoked
-/// workers that may still be finishing a record: a new worker for the same
-/// partition (an eager rebalance revokes everything and often hands the same
-/// partitions back) waits for its predecessor, so one partition is never
-/// handled by two tasks at once.
+/// The workers of the assigned partitions, the records held for the paused
+/// ones, and the `done` signals of revoked workers that may still be
+/// finishing a record: a new worker for the same partition (an eager
+/// rebalance revokes everything and often hands the same partitions back)
+/// waits for its predecessor, so one partition is never handled by two tasks
+/// at once.
 #[derive(Debug, Default)]
 struct Workers {
     active: HashMap<Key, Worker>,
+    /// Records of a partition whose buffer was full, oldest first; the
+    /// partition is paused while it has an entry here.
+    held: HashMap<Key, VecDeque<OwnedMessage>>,
     retiring: HashMap<Key, CancellationToken>,
 }
 
 impl Workers {
-    fn retire(&mut self, key: &Key) {
-        if let Some(worker) = self.active.remove(key) {
-            worker.revoked.cancel();
-            worker.stop.cancel();
-            self.retiring.insert(key.clone(), worker.done);
-        }
+    /// The active worker of `topic`/`partition`. A scan instead of a lookup:
+    /// a member has a handful of partitions, and a lookup would allocate the
+    /// topic name for every record.
+    fn find(&mut self, topic: &str, partition: i32) -> Option<(&Key, &mut Worker)> {
+        self.active.iter_mut().find(|((t, p), _)| *p == partition && t == topic)
     }
 }
 
@@ -171,6 +190,9 @@ pub struct ConsumerCtx {
     metrics: Arc<Metrics>,
     liveness: Arc<Liveness>,
     errors: Throttled,
+    /// The runtime the workers run on, and how long a revoke waits for them;
+    /// set when the pipeline starts.
+    drain: OnceLock<(Handle, Duration)>,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -203,23 +225,52 @@ impl ClientContext for ConsumerCtx {
 }
 
 impl ConsumerContext for ConsumerCtx {
+    /// On revoke: stops the revoked partitions' workers, drops the records
+    /// held for them and lifts their pause (a partition handed back must not
+    /// stay paused), waits for the record each worker has in hand (a webhook
+    /// attempt, a dead-letter publish) and only then commits, so the new owner
+    /// starts after it instead of handling it at the same time. The wait is
+    /// bounded by the shutdown grace; work still running then is abandoned
+    /// (its offset is not stored) and goes to the new owner. This runs on the
+    /// fetch thread, so waiting here blocks no worker.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let mut revoked = Vec::new();
+        let mut paused = TopicPartitionList::new();
+        {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
             for element in tpl.elements() {
                 let key = (element.topic().to_owned(), element.partition());
-                workers.retire(&key);
+                if let Some(worker) = workers.active.remove(&key) {
+                    worker.stop.cancel();
+                    revoked.push((key.clone(), worker));
+                }
+                if workers.held.remove(&key).is_some() {
+                    paused.add_partition(&key.0, key.1);
+                }
                 assigned.remove(&key);
                 self.metrics.lag.remove(&PartitionLabels {
                     topic: key.0,
                     partition: key.1.to_string(),
                 });
             }
-            drop((workers, assigned));
-            commit(consumer, "revoke");
-            tracing::info!(partitions = %describe(tpl), "partitions revoked");
         }
+        if paused.count() > 0
+            && let Err(error) = consumer.resume(&paused)
+        {
+            tracing::warn!(%error, partitions = %describe(&paused), "cannot resume revoked partitions");
+        }
+        let unfinished = self.drain(revoked);
+        if !unfinished.is_empty() {
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.retiring.retain(|_, done| !done.is_cancelled());
+            workers.retiring.extend(unfinished);
+        }
+        commit(consumer, "revoke");
+        tracing::info!(partitions = %describe(tpl), "partitions revoked");
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -247,6 +298,58 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 }
+
+impl ConsumerCtx {
+    /// Waits for the revoked workers to end, for at most the drain deadline,
+    /// then abandons the ones still running (their offsets are not stored,
+    /// their tasks are aborted). Returns the `done` signals of workers that
+    /// had not ended even after that, for their successors to wait on.
+    fn drain(&self, revoked: Vec<(Key, Worker)>) -> Vec<(Key, CancellationToken)> {
+        if revoked.is_empty() {
+            return Vec::new();
+        }
+        let all_ended = |workers: &[(Key, Worker)]| {
+            let dones: Vec<CancellationToken> = workers.iter().map(|(_, w)| w.done.clone()).collect();
+            async move {
+                for done in dones {
+                    done.cancelled().await;
+                }
+            }
+        };
+        let started = Instant::now();
+        if let Some((runtime, deadline)) = self.drain.get() {
+            let wait = all_ended(&revoked);
+            if runtime
+                .block_on(async { tokio::time::timeout(*deadline, wait).await })
+                .is_ok()
+            {
+                tracing::debug!(elapsed = ?started.elapsed(), "revoked partitions' records in hand finished");
+                return Vec::new();
+            }
+        }
+        let late: Vec<(Key, Worker)> = revoked.into_iter().filter(|(_, w)| !w.done.is_cancelled()).collect();
+        for (_, worker) in &late {
+            worker.abandon.cancel();
+            worker.task.abort();
+        }
+        tracing::warn!(
+            partitions = %late.iter().map(|((t, p), _)| format!("{t}[{p}]")).collect::<Vec<_>>().join(","),
+            elapsed = ?started.elapsed(),
+            "records in hand of revoked partitions did not finish in time; abandoned, they go to the new owner"
+        );
+        if let Some((runtime, _)) = self.drain.get() {
+            let wait = all_ended(&late);
+            let _ = runtime.block_on(async { tokio::time::timeout(ABANDON_WAIT, wait).await });
+        }
+        late.into_iter()
+            .filter(|(_, w)| !w.done.is_cancelled())
+            .map(|(key, w)| (key, w.done))
+            .collect()
+    }
+}
+
+/// How long a revoke waits, after abandoning a worker, for its task to end.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
 
 fn describe(tpl: &TopicPartitionList) -> String {
     tpl.elements()
@@ -281,9 +384,17 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a fetch error, so that a burst of errors cannot spin the loop.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long one poll waits for an event: the fetch loop notices shutdown
+/// within it.
+const POLL_IDLE: Duration = Duration::from_millis(100);
+
+/// How long one poll waits while records are held: a held record goes to its
+/// worker within it once the worker has room.
+const POLL_HOLDING: Duration = Duration::from_millis(5);
+
 /// The running consumer.
 pub struct Pipeline {
-    consumer: Arc<StreamConsumer<ConsumerCtx>>,
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
     workers: Arc<Mutex<Workers>>,
     processor: Arc<Processor>,
     buffer: usize,
@@ -297,7 +408,7 @@ impl std::fmt::Debug for Pipeline {
 
 impl Pipeline {
     /// Creates the consumer (not yet subscribed). `buffer` records may wait
-    /// per partition for its worker before the fetch loop waits for it.
+    /// per partition for its worker before that partition is paused.
     pub fn new(
         config: &rdkafka::ClientConfig,
         processor: Arc<Processor>,
@@ -312,8 +423,9 @@ impl Pipeline {
             metrics,
             liveness,
             errors: Throttled::new(ERROR_LOG_INTERVAL),
+            drain: OnceLock::new(),
         };
-        let consumer: StreamConsumer<ConsumerCtx> = config.create_with_context(context)?;
+        let consumer: BaseConsumer<ConsumerCtx> = config.create_with_context(context)?;
         Ok(Self {
             consumer: Arc::new(consumer),
             workers,
@@ -330,140 +442,263 @@ impl Pipeline {
     /// Joins the group on `topic` and handles records until `shutdown` is
     /// cancelled; then finishes records in hand (for at most `grace`), commits
     /// and leaves the group (for at most [`CLOSE_TIMEOUT`]). A fatal client
-    /// error stops it the same way and is returned.
+    /// error stops it the same way and is returned. `grace` also bounds how
+    /// long a revoke waits for the revoked partitions' records in hand.
+    ///
+    /// The client is polled on a thread of its own: a rebalance callback may
+    /// block it while revoked workers finish, and the workers run on this
+    /// runtime meanwhile, whatever its flavour.
     pub async fn run(self, topic: &str, shutdown: CancellationToken, grace: Duration) -> KafkaResult<()> {
         self.consumer.subscribe(&[topic])?;
         tracing::info!(topic, "subscribed; joining the group");
-        let mut tasks = JoinSet::new();
+        let runtime = Handle::current();
+        let _ = self.consumer.context().drain.set((runtime.clone(), grace));
+        // Cancelled if this future is dropped with its runtime (not a clean
+        // stop): the fetch thread then stops without waiting on the runtime.
+        let orphaned = CancellationToken::new();
+        let orphan_guard = orphaned.clone().drop_guard();
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let consumer = self.consumer.clone();
+        let fetcher = Fetcher {
+            consumer: self.consumer,
+            workers: self.workers,
+            processor: self.processor,
+            buffer: self.buffer.max(1),
+            shutdown,
+            orphaned,
+            runtime,
+            tasks: JoinSet::new(),
+        };
+        std::thread::Builder::new()
+            .name("kafka-fetch".into())
+            .spawn(move || {
+                let outcome = fetcher.run(grace);
+                let _ = stopped_tx.send(outcome);
+                // Commit and close here: both block, and with the broker gone
+                // they can take long; the process must still exit.
+                commit(consumer.as_ref(), "shutdown");
+                consumer.unsubscribe();
+                // Dropping the last handle closes the consumer: it leaves the group.
+                drop(consumer);
+                let _ = closed_tx.send(());
+            })
+            .map_err(|error| KafkaError::ClientCreation(format!("cannot start the fetch thread: {error}")))?;
+        let outcome = stopped_rx.await.unwrap_or_else(|_| {
+            tracing::error!("the fetch thread failed; stopping");
+            Err(KafkaError::Canceled)
+        });
+        match tokio::time::timeout(CLOSE_TIMEOUT, closed_rx).await {
+            Ok(_) => tracing::info!("offsets committed; left the group"),
+            Err(_) => tracing::warn!(
+                timeout = ?CLOSE_TIMEOUT,
+                "commit and leave did not finish in time; uncommitted records will be redelivered"
+            ),
+        }
+        orphan_guard.disarm();
+        outcome
+    }
+}
+
+/// The fetch loop's state, owned by the fetch thread.
+struct Fetcher {
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    workers: Arc<Mutex<Workers>>,
+    processor: Arc<Processor>,
+    buffer: usize,
+    shutdown: CancellationToken,
+    orphaned: CancellationToken,
+    runtime: Handle,
+    tasks: JoinSet<()>,
+}
+
+impl Fetcher {
+    /// Polls until shutdown or a fatal error, then lets the workers finish
+    /// their records in hand for at most `grace`.
+    fn run(mut self, grace: Duration) -> KafkaResult<()> {
         let outcome = loop {
-            let message = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break Ok(()),
-                message = self.consumer.recv() => message,
-            };
-            let message = match message {
-                Ok(m) => m.detach(),
-                Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
+            if self.shutdown.is_cancelled() || self.orphaned.is_cancelled() {
+                break Ok(());
+            }
+            let holding = self.hand_on_held();
+            let polled = self.consumer.poll(if holding { POLL_HOLDING } else { POLL_IDLE });
+            match polled {
+                None => {}
+                Some(Ok(message)) => {
+                    let message = message.detach();
+                    self.dispatch(message);
+                }
+                Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
                     tracing::error!(%error, "fatal consumer error; stopping");
                     break Err(error);
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     if let Some(suppressed) = self.consumer.context().errors.check() {
                         tracing::warn!(%error, suppressed, "fetch failed; the client keeps reconnecting");
                     }
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break Ok(()),
-                        () = tokio::time::sleep(ERROR_PAUSE) => continue,
-                    }
+                    std::thread::sleep(ERROR_PAUSE);
                 }
-            };
-            let tx = self.worker_for(&message, &shutdown, &mut tasks);
-            // Back-pressure: when this partition's buffer is full, the fetch
-            // loop waits for its worker, and librdkafka's bounded prefetch
-            // queue stops fetching. Pausing only the slow partition would
-            // isolate it further, but librdkafka purges a paused partition's
-            // prefetched records and refetches them on resume: in a catch-up
-            // every partition cycles through that every few milliseconds, and
-            // the refetch starts mid-batch, which Tansu 0.6's memory storage
-            // answers with nothing (measured: the consumer stalled for good).
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break Ok(()),
-                // A closed channel means the partition was revoked meanwhile;
-                // the record will be delivered to its new owner.
-                _ = tx.send(message) => {}
             }
             // Reap finished workers so the set does not grow.
-            while tasks.try_join_next().is_some() {}
+            while self.tasks.try_join_next().is_some() {}
         };
 
         tracing::info!("stopping: no more fetches; finishing records in hand");
-        self.workers.lock().unwrap_or_else(|e| e.into_inner()).active.clear();
-        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.active.clear();
+            workers.held.clear();
+        }
+        if self.orphaned.is_cancelled() {
+            // The runtime is gone, and the workers with it.
+            return outcome;
+        }
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let drained = self.runtime.block_on(async {
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await
+        });
         if drained.is_err() {
             tracing::warn!(
                 ?grace,
                 "records still in hand after the grace period; they will be redelivered"
             );
-            tasks.shutdown().await;
-        }
-        // Commit and close on a thread of its own: both block, and with the
-        // broker gone they can take long; the process must still exit.
-        let consumer = self.consumer;
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
-            commit(consumer.as_ref(), "shutdown");
-            consumer.unsubscribe();
-            // Dropping the last handle closes the consumer: it leaves the group.
-            drop(consumer);
-            let _ = closed_tx.send(());
-        });
-        match spawned {
-            Ok(_) => match tokio::time::timeout(CLOSE_TIMEOUT, closed_rx).await {
-                Ok(_) => tracing::info!("offsets committed; left the group"),
-                Err(_) => tracing::warn!(
-                    timeout = ?CLOSE_TIMEOUT,
-                    "commit and leave did not finish in time; uncommitted records will be redelivered"
-                ),
-            },
-            Err(error) => tracing::warn!(%error, "cannot start the close thread; not committing"),
+            self.runtime.block_on(tasks.shutdown());
         }
         outcome
     }
 
-    fn worker_for(
-        &self,
-        message: &OwnedMessage,
-        shutdown: &CancellationToken,
-        tasks: &mut JoinSet<()>,
-    ) -> mpsc::Sender<OwnedMessage> {
-        let (topic, partition) = (message.topic(), message.partition());
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        // A scan instead of a lookup: a member has a handful of partitions,
-        // and a lookup would allocate the topic name for every record.
-        if let Some(worker) = workers
-            .active
-            .iter()
-            .find_map(|((t, p), w)| (*p == partition && t == topic).then_some(w))
-        {
-            return worker.tx.clone();
+    /// Hands `message` to its partition's worker. When the worker's buffer is
+    /// full the partition is paused and the record held, and so is every
+    /// record of that partition that arrives before the pause takes effect,
+    /// in order: the client then refetches from the position after the last
+    /// record it returned, so nothing is skipped, and a record fetched twice
+    /// is recognised by its offset and dropped.
+    fn dispatch(&mut self, message: OwnedMessage) {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let workers = self.workers.clone();
+        let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+        let holding = !workers.held.is_empty();
+        let key = match workers.find(topic, partition) {
+            Some((_, worker)) if offset < worker.next_offset => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    offset,
+                    "record fetched again after a pause; already in hand"
+                );
+                return;
+            }
+            Some((key, worker)) => {
+                worker.next_offset = offset + 1;
+                key.clone()
+            }
+            None => self.spawn_worker(&mut workers, &message),
+        };
+        if holding && let Some(held) = workers.held.get_mut(&key) {
+            held.push_back(message);
+            return;
         }
-        let key = (topic.to_owned(), partition);
+        let Some(worker) = workers.active.get(&key) else {
+            return;
+        };
+        match worker.tx.try_send(message) {
+            Ok(()) => {}
+            Err(TrySendError::Full(message)) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                if let Err(error) = self.consumer.pause(&tpl) {
+                    tracing::warn!(%error, partition = %describe(&tpl), "cannot pause a partition with a full buffer");
+                }
+                tracing::debug!(partition = %describe(&tpl), "partition buffer full; partition paused");
+                workers.held.insert(key, VecDeque::from([message]));
+            }
+            // The worker has stopped (shutdown): the record is left
+            // uncommitted and delivered again.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Moves held records to their workers as far as the buffers have room
+    /// and resumes the partitions whose held records are all handed on.
+    /// Returns whether records are still held.
+    fn hand_on_held(&mut self) -> bool {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if workers.held.is_empty() {
+            return false;
+        }
+        let Workers { active, held, .. } = &mut *workers;
+        let mut resume = TopicPartitionList::new();
+        held.retain(|key, records| {
+            let Some(worker) = active.get(key) else {
+                return false;
+            };
+            while let Some(message) = records.pop_front() {
+                match worker.tx.try_send(message) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(message)) => {
+                        records.push_front(message);
+                        return true;
+                    }
+                    Err(TrySendError::Closed(_)) => return false,
+                }
+            }
+            resume.add_partition(&key.0, key.1);
+            false
+        });
+        let holding = !held.is_empty();
+        drop(workers);
+        if resume.count() > 0 {
+            match self.consumer.resume(&resume) {
+                Ok(()) => {
+                    tracing::debug!(partitions = %describe(&resume), "held records handed on; partitions resumed")
+                }
+                Err(error) => tracing::warn!(%error, partitions = %describe(&resume), "cannot resume partitions"),
+            }
+        }
+        holding
+    }
+
+    fn spawn_worker(&mut self, workers: &mut Workers, message: &OwnedMessage) -> Key {
+        let key = (message.topic().to_owned(), message.partition());
         let after = workers.retiring.remove(&key);
         workers.retiring.retain(|_, done| !done.is_cancelled());
-        let (tx, rx) = mpsc::channel(self.buffer.max(1));
-        let stop = shutdown.child_token();
-        let revoked = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let stop = self.shutdown.child_token();
+        let abandon = CancellationToken::new();
         let done = CancellationToken::new();
-        tasks.spawn(run_worker(
-            rx,
-            self.processor.clone(),
-            self.consumer.clone(),
-            Signals {
-                stop: stop.clone(),
-                revoked: revoked.clone(),
-                done: done.clone(),
-                after,
-            },
-        ));
+        let task = self.tasks.spawn_on(
+            run_worker(
+                rx,
+                self.processor.clone(),
+                self.consumer.clone(),
+                Signals {
+                    stop: stop.clone(),
+                    abandon: abandon.clone(),
+                    done: done.clone(),
+                    after,
+                },
+            ),
+            &self.runtime,
+        );
         workers.active.insert(
-            key,
+            key.clone(),
             Worker {
-                tx: tx.clone(),
+                tx,
                 stop,
-                revoked,
+                abandon,
                 done,
+                task,
+                next_offset: message.offset() + 1,
             },
         );
-        tx
+        key
     }
 }
 
 /// What a worker listens to and tells.
 struct Signals {
     stop: CancellationToken,
-    revoked: CancellationToken,
+    abandon: CancellationToken,
     /// Cancelled (through a drop guard) when the worker ends.
     done: CancellationToken,
     /// The previous worker of the partition, which must end first.
@@ -473,12 +708,12 @@ struct Signals {
 async fn run_worker(
     mut rx: mpsc::Receiver<OwnedMessage>,
     processor: Arc<Processor>,
-    consumer: Arc<StreamConsumer<ConsumerCtx>>,
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
     signals: Signals,
 ) {
     let Signals {
         stop,
-        revoked,
+        abandon,
         done,
         after,
     } = signals;
@@ -523,7 +758,7 @@ async fn run_worker(
             }
         }
         drop(batch);
-        if let Some(message) = handled.filter(|_| !revoked.is_cancelled()) {
+        if let Some(message) = handled.filter(|_| !abandon.is_cancelled()) {
             // Stores offset + 1: the next record to read.
             if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
                 tracing::debug!(%error, "offset not stored (partition no longer assigned)");

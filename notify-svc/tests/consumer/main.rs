@@ -5,6 +5,7 @@
 mod configuration;
 mod dead_letters;
 mod delivery;
+mod flow_control;
 mod hardening;
 mod helpers;
 mod offsets;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every check and test on a fresh machine: installs the tools it needs,
-# then formatting, lints, the Rust tests (unit, integration and end-to-end
-# against real Tansu brokers) and the Python suites (cross-language clients,
-# compose checks). This is the command .ci/run calls.
+# Runs every check and test on a fresh machine: installs the tools it needs
+# (scripts/install-tools.sh --test), then formatting, lints, the Rust tests
+# (unit, integration and end-to-end against real Apache Kafka brokers), the
+# Python suites (contract, cross-language peers in Python, TypeScript, Go and
+# Java, compose checks, compose's broker settings), and a smoke test of the
+# Tansu path scripts/run.sh takes. This is the command .ci/run calls.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -16,7 +18,9 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries the end-to-end tests run)"
 cargo build --workspace --bins --locked
-echo "==> cargo test"
+echo "==> cargo test (Apache Kafka)"
 cargo test --workspace --locked
-echo "==> python tests"
+echo "==> python tests (Apache Kafka)"
 .tools/venv/bin/python -m pytest tests -q
+echo "==> smoke test on Tansu, the broker of scripts/run.sh: an order end to end, and a broker outage"
+TEST_BROKER=tansu cargo test --locked -p e2e --test e2e -- flow:: outage::

@@ -55,12 +55,12 @@ pub struct Failure {
     pub attempts: u32,
 }
 
-/// Producer defaults for the dead-letter topic. Not idempotent: a dead letter
-/// published twice is harmless, while an idempotent producer's epoch bump after
-/// an outage is not (see BROKER.md in the project's history).
+/// Producer defaults for the dead-letter topic: idempotent with `acks=all`,
+/// like order-svc's, so the producer's own retries neither duplicate nor
+/// reorder dead letters.
 pub const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
     ("acks", "all"),
-    ("enable.idempotence", "false"),
+    ("enable.idempotence", "true"),
     ("message.timeout.ms", "10000"),
     ("linger.ms", "5"),
 ];

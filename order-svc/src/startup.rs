@@ -119,6 +119,11 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The publisher CreateOrder uses.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
     /// The bound operations HTTP address.
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_listener.local_addr().expect("a bound listener has an address")

@@ -54,19 +54,24 @@ pub(crate) async fn spawn_app_on(
     config.publish_timeout = Duration::from_secs(3);
     customize(&mut config);
     let app = Application::build(config).await?;
+    Ok(run(app, broker, topic))
+}
+
+/// Runs a built `app` until the test stops it.
+pub(crate) fn run(app: Application, broker: Broker, topic: String) -> TestApp {
     let (grpc_addr, ops_addr) = (app.grpc_addr(), app.ops_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
-    Ok(TestApp {
+    TestApp {
         broker,
         topic,
         grpc_addr,
         ops_addr,
         shutdown: Some(tx),
         handle: Some(handle),
-    })
+    }
 }
 
 impl TestApp {

@@ -30,7 +30,11 @@ async fn both_services_over_sasl_ssl_and_refused_without_trust_or_password() {
     let broker = testkit::Broker::start_with_tls_and_sasl(USER, PASSWORD, &[(topic.as_str(), 2), (dlq.as_str(), 1)])
         .await
         .expect("a SASL_SSL broker starts");
-    let ca = broker.ca_location().expect("a TLS broker has a CA").display().to_string();
+    let ca = broker
+        .ca_location()
+        .expect("a TLS broker has a CA")
+        .display()
+        .to_string();
 
     let secured = security_env(&broker, PASSWORD, &ca);
     let orders = OrderSvc::start(&broker.addr(), &topic, &secured).await;

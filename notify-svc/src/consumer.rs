@@ -109,7 +109,8 @@ struct Worker {
 struct Workers {
     active: HashMap<Key, Worker>,
     /// Records of a partition whose buffer was full, oldest first; the
-    /// partition is paused while it has an entry here.
+    /// partition is paused while it has an entry here (possibly empty, until
+    /// its buffer has room again).
     held: HashMap<Key, VecDeque<OwnedMessage>>,
     retiring: HashMap<Key, CancellationToken>,
 }
@@ -263,7 +264,9 @@ impl ConsumerContext for ConsumerCtx {
         {
             tracing::warn!(%error, partitions = %describe(&paused), "cannot resume revoked partitions");
         }
-        let unfinished = self.drain(revoked);
+        // A lost assignment is already someone else's: nothing of it will be
+        // committed, so its work is abandoned at once.
+        let unfinished = self.drain(revoked, consumer.assignment_lost());
         if !unfinished.is_empty() {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             workers.retiring.retain(|_, done| !done.is_cancelled());
@@ -304,7 +307,7 @@ impl ConsumerCtx {
     /// then abandons the ones still running (their offsets are not stored,
     /// their tasks are aborted). Returns the `done` signals of workers that
     /// had not ended even after that, for their successors to wait on.
-    fn drain(&self, revoked: Vec<(Key, Worker)>) -> Vec<(Key, CancellationToken)> {
+    fn drain(&self, revoked: Vec<(Key, Worker)>, lost: bool) -> Vec<(Key, CancellationToken)> {
         if revoked.is_empty() {
             return Vec::new();
         }
@@ -317,7 +320,7 @@ impl ConsumerCtx {
             }
         };
         let started = Instant::now();
-        if let Some((runtime, deadline)) = self.drain.get() {
+        if let Some((runtime, deadline)) = self.drain.get().filter(|_| !lost) {
             let wait = all_ended(&revoked);
             if runtime
                 .block_on(async { tokio::time::timeout(*deadline, wait).await })
@@ -328,6 +331,9 @@ impl ConsumerCtx {
             }
         }
         let late: Vec<(Key, Worker)> = revoked.into_iter().filter(|(_, w)| !w.done.is_cancelled()).collect();
+        if late.is_empty() {
+            return Vec::new();
+        }
         for (_, worker) in &late {
             worker.abandon.cancel();
             worker.task.abort();
@@ -335,7 +341,8 @@ impl ConsumerCtx {
         tracing::warn!(
             partitions = %late.iter().map(|((t, p), _)| format!("{t}[{p}]")).collect::<Vec<_>>().join(","),
             elapsed = ?started.elapsed(),
-            "records in hand of revoked partitions did not finish in time; abandoned, they go to the new owner"
+            lost,
+            "records in hand of revoked partitions abandoned (not finished in time, or the assignment was lost); they go to the new owner"
         );
         if let Some((runtime, _)) = self.drain.get() {
             let wait = all_ended(&late);
@@ -388,8 +395,9 @@ const ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// within it.
 const POLL_IDLE: Duration = Duration::from_millis(100);
 
-/// How long one poll waits while records are held: a held record goes to its
-/// worker within it once the worker has room.
+/// How long one poll waits while a partition is paused: its held records go
+/// to its worker, and the partition resumes, within it once the worker has
+/// room.
 const POLL_HOLDING: Duration = Duration::from_millis(5);
 
 /// The running consumer.
@@ -620,7 +628,7 @@ impl Fetcher {
 
     /// Moves held records to their workers as far as the buffers have room
     /// and resumes the partitions whose held records are all handed on.
-    /// Returns whether records are still held.
+    /// Returns whether partitions are still paused.
     fn hand_on_held(&mut self) -> bool {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if workers.held.is_empty() {
@@ -629,17 +637,24 @@ impl Fetcher {
         let Workers { active, held, .. } = &mut *workers;
         let mut resume = TopicPartitionList::new();
         held.retain(|key, records| {
-            let Some(worker) = active.get(key) else {
-                return false;
-            };
-            while let Some(message) = records.pop_front() {
-                match worker.tx.try_send(message) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(message)) => {
-                        records.push_front(message);
-                        return true;
+            // Without a worker to take them (it stopped) the records are left
+            // uncommitted, for redelivery.
+            if let Some(worker) = active.get(key) {
+                while let Some(message) = records.pop_front() {
+                    match worker.tx.try_send(message) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(message)) => {
+                            records.push_front(message);
+                            return true;
+                        }
+                        Err(TrySendError::Closed(_)) => break,
                     }
-                    Err(TrySendError::Closed(_)) => return false,
+                }
+                // Resuming refetches what the client had prefetched, so the
+                // partition stays paused until half its buffer is free: one
+                // pause per half a buffer of records at most, not one per record.
+                if !worker.tx.is_closed() && worker.tx.capacity() * 2 < worker.tx.max_capacity() {
+                    return true;
                 }
             }
             resume.add_partition(&key.0, key.1);

@@ -16,7 +16,7 @@ use orders_contract::v1::OrderCreated;
 use testkit::eventually;
 
 use crate::helpers::{
-    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id,
+    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id, series,
 };
 
 /// An order whose id carries its partition and its place in that partition.
@@ -234,6 +234,68 @@ async fn a_rebalance_waits_for_records_in_hand_so_partition_order_holds_across_m
                 pair[0].order_id
             );
         }
+    }
+    second.shutdown().await;
+    first.shutdown().await;
+}
+
+#[tokio::test]
+async fn paused_partitions_revoked_by_a_rebalance_drain_at_their_next_owner_in_order_once() {
+    let (broker, topic, group) = broker_with_topic(2).await;
+    let receiver = Receiver::start().await;
+    let configure = || {
+        let mut config = config(&broker, &topic, &group, Some(&receiver));
+        config.retry_max_attempts = 100_000;
+        config.partition_buffer = 2;
+        config
+    };
+    let first = TestApp::spawn_ready(configure()).await;
+    let publisher = Publisher::new(&broker, &topic);
+    let tag = testkit::unique("paused");
+
+    // Both partitions stuck behind their first record, buffers full: both paused.
+    let stuck: Vec<OrderCreated> = (0..2).map(|p| sequenced(&tag, p, 0)).collect();
+    for (partition, event) in (0..).zip(&stuck) {
+        receiver.set(&order_id(event), Behaviour::Always(503));
+        publisher.event(Some(partition), event, &[]).await;
+        for seq in 1..20 {
+            publisher
+                .event(Some(partition), &sequenced(&tag, partition, seq), &[])
+                .await;
+        }
+    }
+    for event in &stuck {
+        receiver.wait_attempts(&order_id(event), 3, WAIT).await;
+    }
+
+    // A second member joins: the eager rebalance revokes both partitions from
+    // the first member; one moves to the second, the other comes back.
+    let second = TestApp::spawn_ready(configure()).await;
+    for event in &stuck {
+        receiver.heal(&order_id(event));
+    }
+    eventually(WAIT, "both partitions drained", || async {
+        let delivered = delivered_per_partition(&receiver);
+        (0..2)
+            .all(|p| delivered.get(&p).map_or(0, Vec::len) >= 20)
+            .then_some(())
+    })
+    .await;
+    // Each member owns one partition: one moved while paused, one came back.
+    for app in [&first, &second] {
+        eventually(WAIT, "one lag gauge per member", || async {
+            (series(&app.metrics().await, "kafka_consumer_lag").len() == 1).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delivered = delivered_per_partition(&receiver);
+    for partition in 0..2 {
+        assert_eq!(
+            delivered[&partition],
+            (0..20).collect::<Vec<_>>(),
+            "partition {partition} in order, once"
+        );
     }
     second.shutdown().await;
     first.shutdown().await;

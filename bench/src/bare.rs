@@ -41,7 +41,7 @@ pub fn service_producer_config(brokers: &str, options: &KafkaOptions) -> rdkafka
     client_config(
         brokers,
         Role::Producer,
-        order_svc::publisher::producer_defaults(Duration::from_secs(5)),
+        order_svc::publisher::producer_defaults(Duration::from_secs(5), 1024),
         options,
     )
 }

@@ -46,10 +46,15 @@ use crate::{metrics::Metrics, producer::AckProducer};
 ///   BENCHMARKS.md). Ordering and idempotence are unchanged.
 /// - `message.timeout.ms` well above `PUBLISH_TIMEOUT`: the service's own
 ///   deadline answers callers; librdkafka's must not fire first (see module docs).
-pub fn producer_defaults(publish_timeout: Duration) -> Vec<(&'static str, String)> {
+/// - `queue.buffering.max.messages` = `MAX_CONCURRENT_CALLS`: a call that times
+///   out or that its client abandons leaves its record queued, so the bound on
+///   calls in flight would not bound the queue during an outage; with this
+///   one it does, and a call that finds the queue full is shed.
+pub fn producer_defaults(publish_timeout: Duration, max_concurrent_calls: u64) -> Vec<(&'static str, String)> {
     let message_timeout = (publish_timeout * 6).max(Duration::from_secs(30));
     vec![
         ("acks", "all".into()),
+        ("queue.buffering.max.messages", max_concurrent_calls.to_string()),
         ("enable.idempotence", "true".into()),
         ("linger.ms", "0".into()),
         ("max.in.flight.requests.per.connection", "2".into()),

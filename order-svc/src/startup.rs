@@ -73,7 +73,7 @@ impl Application {
         let auth = Authenticator::from_config(&config)?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let defaults = producer_defaults(config.publish_timeout);
+        let defaults = producer_defaults(config.publish_timeout, config.max_concurrent_calls);
         let client_config = config.kafka.client_config(kafka::Role::Producer, defaults);
         let publisher = Arc::new(Publisher::new(
             client_config,

@@ -97,3 +97,50 @@ async fn unavailable_while_the_broker_is_down_and_recovers_by_itself() {
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn calls_abandoned_during_an_outage_queue_no_more_records_than_max_concurrent_calls() {
+    let mut app = spawn_app_alone_with(|c| {
+        c.max_concurrent_calls = 4;
+        c.publish_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut client = app.client().await;
+    client
+        .create_order(valid_request("before"))
+        .await
+        .expect("works while the broker is up");
+
+    app.broker.stop();
+    // Each client gives up after 200 ms: the call (and its slot) ends, its
+    // record may stay queued for the broker's return.
+    for i in 0..30 {
+        let mut request = tonic::Request::new(valid_request(&format!("abandoned-{i}")));
+        request.set_timeout(Duration::from_millis(200));
+        let answer = client.create_order(request).await;
+        assert!(answer.is_err(), "call {i} cannot succeed without a broker");
+    }
+    app.broker.restart().await.expect("broker restarts");
+    // Once the queued records are delivered the queue has room again.
+    testkit::eventually(Duration::from_secs(30), "an order accepted after the outage", || {
+        let mut client = client.clone();
+        async move { client.create_order(valid_request("after")).await.ok() }
+    })
+    .await;
+
+    let records = app
+        .broker
+        .read_all(&app.topic, 32, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let abandoned = records
+        .iter()
+        .filter(|r| {
+            rdkafka::Message::payload(*r).is_some_and(|v| v.windows(b"abandoned-".len()).any(|w| w == b"abandoned-"))
+        })
+        .count();
+    assert!(
+        abandoned <= 4,
+        "{abandoned} abandoned calls were published after the outage; MAX_CONCURRENT_CALLS is 4"
+    );
+}

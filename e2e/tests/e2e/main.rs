@@ -11,6 +11,7 @@
 mod configuration;
 mod faults;
 mod flow;
+mod group_faults;
 mod hardening;
 mod helpers;
 mod idempotency;

@@ -33,25 +33,38 @@ async fn the_shared_broker_is_one_node_and_cannot_be_stopped() {
     assert!(stopped.is_err(), "stopping the shared broker must panic");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_broker_without_its_jars_says_so() {
-    // In a child process: the variable would change every test's broker.
-    let err = tokio::task::spawn_blocking(|| {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "missing_jars_child", "--nocapture", "--include-ignored"])
-            .env("KAFKA_LIBS", "/nonexistent/kafka-libs")
-            .output()
-            .unwrap()
+/// Runs the ignored test `name` in a child process with `env` (a variable
+/// set here would change every test's broker) and returns its output.
+async fn child(name: &'static str, env: &'static [(&'static str, &'static str)]) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command.args(["--exact", name, "--nocapture", "--include-ignored"]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
     })
     .await
     .unwrap();
-    let out = String::from_utf8_lossy(&err.stdout).into_owned() + &String::from_utf8_lossy(&err.stderr);
-    assert!(err.status.success(), "{out}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_without_its_jars_or_java_says_so() {
+    let out = child("missing_jars_child", &[("KAFKA_LIBS", "/nonexistent/kafka-libs")]).await;
     assert!(out.contains("missing-jars-ok"), "{out}");
+    let out = child(
+        "missing_java_child",
+        &[("JAVA_HOME", "/nonexistent/jdk"), ("PATH", "/nonexistent/bin")],
+    )
+    .await;
+    assert!(out.contains("missing-java-ok"), "{out}");
 }
 
 #[tokio::test]
-#[ignore = "run by a_broker_without_its_jars_says_so in a child process"]
+#[ignore = "run by a_broker_without_its_jars_or_java_says_so in a child process"]
 async fn missing_jars_child() {
     let err = Broker::start_kind(BrokerKind::Kafka)
         .await
@@ -59,4 +72,15 @@ async fn missing_jars_child() {
     let text = format!("{err:#}");
     assert!(text.contains("/nonexistent/kafka-libs"), "{text}");
     println!("missing-jars-ok");
+}
+
+#[tokio::test]
+#[ignore = "run by a_broker_without_its_jars_or_java_says_so in a child process"]
+async fn missing_java_child() {
+    let err = Broker::start_kind(BrokerKind::Kafka)
+        .await
+        .expect_err("no java, no broker");
+    let text = format!("{err:#}");
+    assert!(text.contains("Java 17 or newer"), "{text}");
+    println!("missing-java-ok");
 }

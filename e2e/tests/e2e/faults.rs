@@ -64,20 +64,9 @@ async fn sigkill_twice_and_503s_lose_nothing() {
     let acknowledged: HashSet<String> = outcomes.ok.iter().cloned().collect();
     assert_eq!(acknowledged.len(), ORDERS);
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let lost = loop {
-        let lost: Vec<String> = receiver.with(|r| {
-            acknowledged
-                .iter()
-                .filter(|id| !r.delivered.contains_key(*id))
-                .cloned()
-                .collect()
-        });
-        if lost.is_empty() || Instant::now() > deadline {
-            break lost;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let lost = receiver
+        .wait_all_delivered(&acknowledged, Duration::from_secs(90))
+        .await;
     let total = started.elapsed();
     let (duplicates, refused, requests, bad_keys, unknown) = receiver.with(|r| {
         (

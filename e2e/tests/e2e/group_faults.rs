@@ -69,20 +69,9 @@ async fn a_member_and_then_the_broker_killed_lose_nothing() {
         "{} orders acknowledged",
         acknowledged.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let lost = loop {
-        let lost: Vec<String> = receiver.with(|r| {
-            acknowledged
-                .iter()
-                .filter(|id| !r.delivered.contains_key(*id))
-                .cloned()
-                .collect()
-        });
-        if lost.is_empty() || Instant::now() > deadline {
-            break lost;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let lost = receiver
+        .wait_all_delivered(&acknowledged, Duration::from_secs(120))
+        .await;
     let duplicates = receiver.with(|r| r.delivered.values().map(|n| n.saturating_sub(1)).sum::<u32>());
     println!(
         "group faults: acknowledged {}, refused during the outage {}, lost {}, duplicates {duplicates}",

@@ -422,6 +422,24 @@ impl Receiver {
     pub(crate) fn delivered_count(&self) -> usize {
         self.with(|r| r.delivered.len())
     }
+
+    /// Waits up to `timeout` for every one of `ids` to be delivered; returns
+    /// the ones that were not.
+    pub(crate) async fn wait_all_delivered(&self, ids: &HashSet<String>, timeout: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let lost: Vec<String> = self.with(|r| {
+                ids.iter()
+                    .filter(|id| !r.delivered.contains_key(*id))
+                    .cloned()
+                    .collect()
+            });
+            if lost.is_empty() || std::time::Instant::now() > deadline {
+                return lost;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Receiver {

@@ -115,7 +115,19 @@ impl Notifier {
     }
 }
 
-/// The log sink's notification: one structured line, which cannot fail.
+/// Exit status of notify-svc when the log sink's output broke (`EX_IOERR`).
+pub const EXIT_OUTPUT_BROKEN: i32 = 74;
+
+/// The log sink's notification: one structured line on stdout.
+///
+/// Writing it cannot be retried or dead-lettered: a stdout that fails (a
+/// closed pipe, a full disk) does not come back. The consumer writes the
+/// lines of a batch of records under a [`service_kit::telemetry::LogBatch`]
+/// and stores their offsets after it closes; with the log sink that close
+/// ends the process ([`EXIT_OUTPUT_BROKEN`], the error on stderr) once any
+/// line was lost, so no offset moves past a notification whose line was not
+/// written and a restart with a working stdout delivers it (the
+/// [`crate::processor::Processor`] asks for this).
 pub fn log(notification: &Notification) {
     tracing::info!(
         order_id = %notification.order_id,

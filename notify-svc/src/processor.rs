@@ -60,6 +60,12 @@ fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
 
 impl Processor {
     /// A processor sending through `notifier`, dead-lettering to `dead_letters`.
+    ///
+    /// With the log sink, a notification line that cannot be written stops
+    /// the process before its offset is stored
+    /// ([`telemetry::exit_when_lines_lost`], see [`notifier::log`]): a
+    /// notification whose line was lost is never let go of, and the next
+    /// start delivers it.
     pub fn new(
         notifier: Notifier,
         dead_letters: DeadLetters,
@@ -68,6 +74,9 @@ impl Processor {
         metrics: Arc<Metrics>,
         max_record_bytes: usize,
     ) -> Self {
+        if matches!(notifier, Notifier::Log) {
+            telemetry::exit_when_lines_lost(notifier::EXIT_OUTPUT_BROKEN);
+        }
         Self {
             notifier,
             dead_letters,

@@ -26,13 +26,19 @@
 //! when [`flush_logs`] is called, or [`MAX_HELD_BYTES`] are waiting). The
 //! caller must not let anything that depends on a line having been written
 //! happen before it closes the batch.
+//!
+//! A line that cannot be written (a closed pipe, a full disk) is lost, and
+//! the output is taken as broken from then on ([`lost_lines`]). A service
+//! whose log lines are its product asks for [`exit_when_lines_lost`]: the next
+//! [`LogBatch`] to close then ends the process instead of returning, so
+//! nothing that depends on its lines having been written happens.
 
 use std::{
     collections::HashMap,
     io::Write,
     sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering},
     },
 };
 
@@ -144,19 +150,62 @@ impl LogBatch {
 }
 
 impl Drop for LogBatch {
+    /// Writes the held lines. With [`exit_when_lines_lost`] set and a line
+    /// lost (in this write or any earlier one), prints why on stderr and ends
+    /// the process instead of returning.
     fn drop(&mut self) {
         BATCHES.fetch_sub(1, Ordering::SeqCst);
         flush_logs();
+        let code = EXIT_ON_LOST.load(Ordering::SeqCst);
+        if code != 0
+            && let Some(error) = lost_lines()
+        {
+            eprintln!(
+                "log output is broken ({error}): log lines were lost; exiting with status {code} \
+                 before anything that depends on them happens"
+            );
+            std::process::exit(code);
+        }
     }
 }
 
-/// Writes the lines held by open [`LogBatch`]es now.
+/// The first failure to write a log line. The output is taken as broken for
+/// good from then on: a closed pipe or stdout does not come back, and a line
+/// lost in between cannot be told from the ones that were written.
+static LOST: OnceLock<String> = OnceLock::new();
+/// The exit status [`LogBatch`] ends the process with when lines were lost;
+/// 0 for none.
+static EXIT_ON_LOST: AtomicI32 = AtomicI32::new(0);
+
+/// Why log lines were lost (the first write error), if any was.
+pub fn lost_lines() -> Option<&'static str> {
+    LOST.get().map(String::as_str)
+}
+
+/// From now on, a [`LogBatch`] that closes after any log line could not be
+/// written ends the process with exit status `code` (not 0) after saying why
+/// on stderr, instead of returning to code that would act as if its lines
+/// were out. For a service whose log lines are what it delivers.
+pub fn exit_when_lines_lost(code: i32) {
+    assert_ne!(code, 0, "a process that lost its output does not exit with success");
+    EXIT_ON_LOST.store(code, Ordering::SeqCst);
+}
+
+/// Records that a line could not be written. Called with [`HELD`] locked, so
+/// a batch closing after this write (whose lines may have been in it) sees it.
+fn lose(error: &std::io::Error) {
+    let _ = LOST.set(error.to_string());
+}
+
+/// Writes the lines held by open [`LogBatch`]es now. A failure is recorded
+/// ([`lost_lines`]).
 pub fn flush_logs() {
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     // Through std's stdout (line-buffered): a buffer of whole lines goes out
-    // in one write(2). Nowhere to report a failed log write; the fmt layer
-    // drops such errors too.
-    let _ = write_held(&mut held, &mut std::io::stdout().lock());
+    // in one write(2).
+    if let Err(error) = write_held(&mut held, &mut std::io::stdout().lock()) {
+        lose(&error);
+    }
 }
 
 fn write_held(held: &mut Vec<u8>, out: &mut impl Write) -> std::io::Result<()> {
@@ -180,8 +229,11 @@ fn hold_or_write(line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
         held.extend_from_slice(line);
         return Ok(());
     }
-    write_held(&mut held, out)?;
-    out.write_all(line)
+    let written = write_held(&mut held, out).and_then(|()| out.write_all(line));
+    if let Err(error) = &written {
+        lose(error);
+    }
+    written
 }
 
 /// The log writer of [`init`]: stdout, one `write(2)` per line, or held while
@@ -573,6 +625,26 @@ mod tests {
         drop(batch);
         hold_or_write(b"e\n", &mut closed).unwrap();
         assert_eq!(closed, b"d\ne\n", "no batch open again: written at once");
+    }
+
+    /// A line that cannot be written is reported to the caller and recorded
+    /// for good, so a batch closing later knows lines were lost.
+    #[test]
+    fn a_failed_write_is_recorded() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let error = hold_or_write(b"lost\n", &mut Broken).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
+        assert!(lost_lines().is_some_and(|e| e.contains("pipe")), "{:?}", lost_lines());
+        hold_or_write(b"written\n", &mut Vec::new()).unwrap();
+        assert!(lost_lines().is_some(), "a later write does not undo the loss");
     }
 
     /// A text line's fields cannot break the line: control characters in

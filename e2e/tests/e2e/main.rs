@@ -15,6 +15,7 @@ mod group_faults;
 mod hardening;
 mod helpers;
 mod idempotency;
+mod log_sink;
 mod outage;
 mod security;
 mod shutdown;

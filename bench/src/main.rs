@@ -69,22 +69,23 @@ struct AllArgs {
     /// Partitions of each topic the run creates.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// The broker to start (with --brokers: the kind of the running one,
+    /// which decides the default --kafka-options).
+    #[arg(long, value_enum, default_value_t = Broker::Kafka)]
+    broker: Broker,
     /// Tansu storage: memory, sqlite, or a full storage URL.
     #[arg(long, default_value = "memory")]
     storage: String,
-    /// Tansu binary.
-    #[arg(long, env = "TANSU", default_value = "tansu")]
-    tansu: PathBuf,
-    /// Use this running broker instead of starting Tansu.
+    /// Tansu binary [default: as the tests find it: $TANSU_BIN, PATH, ~/.cargo/bin].
+    #[arg(long, env = "TANSU")]
+    tansu: Option<PathBuf>,
+    /// Use this running broker instead of starting one.
     #[arg(long)]
     brokers: Option<String>,
-    /// librdkafka properties for every client.
-    #[arg(
-        long,
-        env = "KAFKA_OPTIONS",
-        default_value = "session.timeout.ms=6000,heartbeat.interval.ms=1000,fetch.wait.max.ms=10"
-    )]
-    kafka_options: KafkaOptions,
+    /// librdkafka properties for every client [default: none on Apache
+    /// Kafka; on Tansu, scripts/tansu-kafka-options].
+    #[arg(long, env = "KAFKA_OPTIONS")]
+    kafka_options: Option<KafkaOptions>,
     /// Target a running order-svc (http://host:port) instead of starting one.
     #[arg(long)]
     order_svc_url: Option<String>,
@@ -107,6 +108,15 @@ struct AllArgs {
     /// experiments, e.g. RUST_LOG=warn or DEDUP_CACHE_SIZE=10000); repeatable.
     #[arg(long, value_parser = parse_env)]
     notify_env: Vec<(String, String)>,
+}
+
+/// Which broker `bench all` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Broker {
+    /// Apache Kafka (KRaft, from the jars of `scripts/install-tools.sh --kafka`).
+    Kafka,
+    /// Tansu, the broker of `scripts/run.sh`.
+    Tansu,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -166,6 +176,19 @@ async fn main() -> anyhow::Result<()> {
         Cmd::All(a) => {
             let a = *a;
             let q = a.quick;
+            let broker = match a.broker {
+                Broker::Kafka => testkit::BrokerKind::Kafka,
+                Broker::Tansu => testkit::BrokerKind::Tansu,
+            };
+            // Users on Apache Kafka run with librdkafka's defaults; on Tansu,
+            // with what scripts/tansu-kafka-options says it needs.
+            let kafka_options = match a.kafka_options {
+                Some(options) => options,
+                None => match broker {
+                    testkit::BrokerKind::Kafka => KafkaOptions::default(),
+                    testkit::BrokerKind::Tansu => broker.client_options().parse()?,
+                },
+            };
             let pick = |v: Option<Duration>, full: u64, quick: u64| {
                 v.unwrap_or(Duration::from_secs(if q { quick } else { full }))
             };
@@ -179,10 +202,11 @@ async fn main() -> anyhow::Result<()> {
                 e2e_duration: pick(a.e2e_duration, 20, 5),
                 catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),
                 partitions: a.partitions,
+                broker,
                 storage: a.storage,
                 tansu: a.tansu,
                 brokers: a.brokers,
-                kafka_options: a.kafka_options,
+                kafka_options,
                 order_svc_url: a.order_svc_url,
                 order_svc_pid: a.order_svc_pid,
                 order_svc_bin: a.order_svc_bin.unwrap_or_else(|| procs::sibling_binary("order-svc")),

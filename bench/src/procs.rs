@@ -132,6 +132,29 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     status_kib(pid, "VmHWM:").map(|k| k as f64 / 1024.0)
 }
 
+/// A child of this process whose working directory is `dir`.
+pub fn child_in_dir(dir: &Path) -> Option<u32> {
+    let me = std::process::id();
+    let dir = dir.canonicalize().ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The parent's pid is the second field after the parenthesised name.
+        let ppid: u32 = stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == me && std::fs::read_link(format!("/proc/{pid}/cwd")).ok()? == dir).then_some(pid)
+    })
+}
+
+/// A JVM's `-X` flags (heap and collector), from its command line.
+pub fn jvm_flags(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .filter(|a| a.starts_with("-X"))
+        .collect()
+}
+
 fn clock_ticks() -> f64 {
     // USER_HZ is 100 on every Linux architecture we run on.
     100.0

@@ -40,6 +40,13 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_CACHE_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_cache_size: u64,
 
+    /// Most bytes the remembered answers take, keys included (an answer is
+    /// its key, a fingerprint of the payload, the order id and the creation
+    /// time, about 200 bytes plus the key; never the order's items). The
+    /// least recently used answers are forgotten first.
+    #[arg(long, env = "IDEMPOTENCY_CACHE_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..))]
+    pub idempotency_cache_bytes: u64,
+
     /// Most CreateOrder calls handled at once; more are refused with
     /// RESOURCE_EXHAUSTED instead of queueing without bound.
     #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

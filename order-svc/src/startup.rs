@@ -176,7 +176,10 @@ impl Application {
         let max_in_flight = usize::try_from(config.max_concurrent_calls).unwrap_or(usize::MAX);
         let api = OrderApi::new(
             publisher.clone(),
-            Answers::new(NonZeroUsize::new(config.idempotency_cache_size as usize).unwrap_or(NonZeroUsize::MIN)),
+            Answers::new(
+                NonZeroUsize::new(config.idempotency_cache_size as usize).unwrap_or(NonZeroUsize::MIN),
+                usize::try_from(config.idempotency_cache_bytes).unwrap_or(usize::MAX),
+            ),
             metrics.clone(),
             config.ce_source.clone(),
             max_in_flight,

@@ -16,6 +16,7 @@ mod hardening;
 mod helpers;
 mod idempotency;
 mod log_sink;
+mod memory;
 mod outage;
 mod security;
 mod shutdown;

@@ -93,6 +93,8 @@ struct Results {
     open_loop: Option<Percentiles>,
     drain_rate: Option<f64>,
     catchup_rate: Option<f64>,
+    /// The catch-up stopped short of the pre-filled count.
+    catchup_stalled: bool,
     rss: Vec<(String, Option<f64>, Option<f64>)>,
     /// Which broker ran, for the report's header.
     broker: String,
@@ -529,18 +531,27 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let deadline = spawned + Duration::from_secs(120) + Duration::from_secs(s.catchup_count / 5_000);
     let (mut first, mut sent) = (None, 0.0);
     let mut cpu_from_first = None;
+    // A consumer that stops making progress is a result, not a reason to
+    // lose the rest of the report: wait STALL past the last progress (or
+    // the overall deadline), then report how far it got.
+    const STALL: Duration = Duration::from_secs(30);
+    let mut progress = (spawned, 0.0);
+    let mut stalled = None;
     while sent < s.catchup_count as f64 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "notify-svc sent {sent} of {} notifications before the deadline",
-            s.catchup_count
-        );
+        let now = Instant::now();
+        if now >= deadline || (first.is_some() && now - progress.0 >= STALL) {
+            stalled = Some((now - progress.0).as_secs_f64());
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Ok(text) = prom::scrape(&http, &metrics_url).await else {
             continue;
         };
         let consumed = prom::value(&text, "events_consumed_total");
         sent = prom::value(&text, "notifications_sent_total");
+        if sent > progress.1 {
+            progress = (Instant::now(), sent);
+        }
         if first.is_none() && consumed > 0.0 {
             first = Some((Instant::now(), consumed));
             cpu_from_first = Some(CpuWindow::start(&[
@@ -549,7 +560,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             ]));
         }
     }
-    let done = Instant::now();
+    // A stalled run's rate counts up to its last progress.
+    let done = if stalled.is_some() { progress.0 } else { Instant::now() };
     let (first_at, first_count) = first.unwrap_or((spawned, 0.0));
     let rate = (sent - first_count) / (done - first_at).as_secs_f64().max(1e-9);
     let cpu = cpu_from_first.map_or_else(|| cpu.finish(), |c| c.finish_per(rate));
@@ -558,16 +570,26 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         (done - spawned).as_secs_f64(),
         (first_at - spawned).as_secs_f64()
     );
+    if let Some(idle) = stalled {
+        note(
+            &mut r,
+            format!(
+                "catch-up STALLED: notify-svc sent {sent} of {} notifications, none in the last {idle:.0} s",
+                s.catchup_count
+            ),
+        );
+    }
     r.rows.push(Row {
         what: "notify-svc catch-up (log sink to a file)".into(),
         concurrency: "-".into(),
         rate,
         unit: "events/s",
         latency: Percentiles::default(),
-        errors: 0,
+        errors: (s.catchup_count as f64 - sent).max(0.0) as u64,
         cpu,
     });
     r.catchup_rate = Some(rate);
+    r.catchup_stalled = stalled.is_some();
     let catchup_peak = procs::peak_rss_mib(notify.pid());
     notify.stop(Duration::from_secs(5)).await;
 
@@ -843,15 +865,16 @@ fn report(s: &Settings, r: &Results) -> String {
     let catchup_ratio = opt_ratio(r.catchup_rate, r.drain_rate);
     let _ = writeln!(
         out,
-        "| notify-svc catch-up >= 100k events/s and >= 0.5 x raw ({} events) | {} events/s | raw consumer {} msgs/s | {} | {} |",
+        "| notify-svc catch-up >= 100k events/s and >= 0.5 x raw ({} events) | {} events/s{} | raw consumer {} msgs/s | {} | {} |",
         s.catchup_count,
         r.catchup_rate.map_or("-".into(), |v| format!("{v:.0}")),
+        if r.catchup_stalled { " (stalled)" } else { "" },
         r.drain_rate.map_or("-".into(), |v| format!("{v:.0}")),
         catchup_ratio.map_or("-".into(), |v| format!("{v:.2} of raw")),
         verdict(
             r.catchup_rate
                 .zip(catchup_ratio)
-                .map(|(v, x)| v >= 100_000.0 && x >= 0.5)
+                .map(|(v, x)| !r.catchup_stalled && v >= 100_000.0 && x >= 0.5)
         )
     );
     for (name, idle, peak) in &r.rss {

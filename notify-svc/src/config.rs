@@ -67,6 +67,13 @@ pub struct Config {
     #[arg(long, env = "PARTITION_BUFFER", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub partition_buffer: u64,
 
+    /// Most bytes (values, keys, headers) of the records waiting per
+    /// partition: a slow partition pauses once its waiting records reach this
+    /// or PARTITION_BUFFER, whichever comes first. A single record larger than
+    /// this waits alone.
+    #[arg(long, env = "PARTITION_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..))]
+    pub partition_buffer_bytes: u64,
+
     /// Address of the operations HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
     pub metrics_addr: SocketAddr,

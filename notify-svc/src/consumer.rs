@@ -2,9 +2,11 @@
 //! client (records, rebalances, statistics) and hands each record to its
 //! partition's worker through a bounded buffer; records of a partition are
 //! handled in order and partitions proceed independently. When one
-//! partition's buffer is full, that partition alone is paused and its records
-//! are held until the worker has room, so a slow partition never stops the
-//! others, the group membership or the statistics readiness is built on.
+//! partition's buffer is full its further records are held in order, up to
+//! as many bytes as the client prefetches per partition, and then that
+//! partition alone is paused until its worker catches up, so a slow partition
+//! never stops the others, the group membership or the statistics readiness
+//! is built on.
 //! Each record's offset is stored only after it is handled; stored offsets are
 //! committed periodically (librdkafka's auto-commit of *stored* offsets), on
 //! revoke (after the revoked partitions' work in hand has finished or been
@@ -14,7 +16,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -23,7 +25,7 @@ use rdkafka::{
     ClientContext,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance},
     error::{KafkaError, KafkaResult, RDKafkaErrorCode},
-    message::{Message, OwnedMessage},
+    message::{Headers, Message, OwnedMessage},
     statistics::Statistics,
     topic_partition_list::TopicPartitionList,
 };
@@ -83,6 +85,8 @@ type Key = (String, i32);
 #[derive(Debug)]
 struct Worker {
     tx: mpsc::Sender<OwnedMessage>,
+    /// Bytes of the records in `tx`'s buffer ([`record_bytes`]).
+    waiting: Arc<AtomicUsize>,
     /// Cancelled on revoke or shutdown: finish the record in hand, then stop.
     stop: CancellationToken,
     /// Cancelled when a revoked partition's work is abandoned at the drain
@@ -108,11 +112,28 @@ struct Worker {
 #[derive(Debug, Default)]
 struct Workers {
     active: HashMap<Key, Worker>,
-    /// Records of a partition whose buffer was full, oldest first; the
-    /// partition is paused while it has an entry here (possibly empty, until
-    /// its buffer has room again).
-    held: HashMap<Key, VecDeque<OwnedMessage>>,
+    /// Records of partitions whose buffers were full.
+    held: HashMap<Key, Held>,
     retiring: HashMap<Key, CancellationToken>,
+}
+
+/// The records of one partition waiting for room in its worker's buffer.
+#[derive(Debug, Default)]
+struct Held {
+    /// Oldest first.
+    records: VecDeque<OwnedMessage>,
+    /// Their [`record_bytes`].
+    bytes: usize,
+    /// Whether the partition is paused: set once `bytes` reach the hold
+    /// limit, cleared once they are down to half of it.
+    paused: bool,
+}
+
+impl Held {
+    fn push(&mut self, message: OwnedMessage) {
+        self.bytes += record_bytes(&message);
+        self.records.push_back(message);
+    }
 }
 
 impl Workers {
@@ -121,6 +142,34 @@ impl Workers {
     /// topic name for every record.
     fn find(&mut self, topic: &str, partition: i32) -> Option<(&Key, &mut Worker)> {
         self.active.iter_mut().find(|((t, p), _)| *p == partition && t == topic)
+    }
+}
+
+/// What a record takes in a partition buffer: its value, key and headers.
+fn record_bytes(message: &OwnedMessage) -> usize {
+    let headers = message.headers().map_or(0, |h| {
+        h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum()
+    });
+    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len) + headers
+}
+
+impl Worker {
+    /// Hands `message` to the worker unless its buffer is full: `buffer`
+    /// records, or `max_bytes` of them (a record larger than that alone waits
+    /// for an empty buffer). A record above `MAX_RECORD_BYTES` is only
+    /// dead-lettered when its turn comes, so without the byte bound a slow
+    /// partition could hold `buffer` of the largest records the broker serves.
+    fn offer(&self, message: OwnedMessage, max_bytes: usize) -> Result<(), TrySendError<OwnedMessage>> {
+        let size = record_bytes(&message);
+        let waiting = self.waiting.load(Ordering::Acquire);
+        if waiting > 0 && waiting + size > max_bytes {
+            return Err(TrySendError::Full(message));
+        }
+        // Counted before it can be received (and uncounted by the worker).
+        self.waiting.fetch_add(size, Ordering::AcqRel);
+        self.tx.try_send(message).inspect_err(|_| {
+            self.waiting.fetch_sub(size, Ordering::AcqRel);
+        })
     }
 }
 
@@ -249,7 +298,7 @@ impl ConsumerContext for ConsumerCtx {
                     worker.stop.cancel();
                     revoked.push((key.clone(), worker));
                 }
-                if workers.held.remove(&key).is_some() {
+                if workers.held.remove(&key).is_some_and(|held| held.paused) {
                     paused.add_partition(&key.0, key.1);
                 }
                 assigned.remove(&key);
@@ -395,9 +444,8 @@ const ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// within it.
 const POLL_IDLE: Duration = Duration::from_millis(100);
 
-/// How long one poll waits while a partition is paused: its held records go
-/// to its worker, and the partition resumes, within it once the worker has
-/// room.
+/// How long one poll waits while records are held: they go to their worker
+/// (and a paused partition resumes) within it once the worker has room.
 const POLL_HOLDING: Duration = Duration::from_millis(5);
 
 /// The running consumer.
@@ -406,23 +454,35 @@ pub struct Pipeline {
     workers: Arc<Mutex<Workers>>,
     processor: Arc<Processor>,
     buffer: usize,
+    buffer_bytes: usize,
+    hold_bytes: usize,
 }
+
+/// librdkafka's default `queued.max.messages.kbytes`.
+const DEFAULT_HOLD_KBYTES: usize = 65_536;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("buffer", &self.buffer).finish()
+        f.debug_struct("Pipeline")
+            .field("buffer", &self.buffer)
+            .field("buffer_bytes", &self.buffer_bytes)
+            .finish()
     }
 }
 
 impl Pipeline {
-    /// Creates the consumer (not yet subscribed). `buffer` records may wait
-    /// per partition for its worker before that partition is paused.
+    /// Creates the consumer (not yet subscribed). `buffer` records, of at
+    /// most `buffer_bytes` together, may wait per partition for its worker;
+    /// beyond them the partition's records are held up to
+    /// `queued.max.messages.kbytes` (the client's own prefetch bound per
+    /// partition), and then the partition is paused.
     pub fn new(
         config: &rdkafka::ClientConfig,
         processor: Arc<Processor>,
         metrics: Arc<Metrics>,
         liveness: Arc<Liveness>,
         buffer: usize,
+        buffer_bytes: usize,
     ) -> KafkaResult<Self> {
         let workers = Arc::new(Mutex::new(Workers::default()));
         let context = ConsumerCtx {
@@ -433,12 +493,19 @@ impl Pipeline {
             errors: Throttled::new(ERROR_LOG_INTERVAL),
             drain: OnceLock::new(),
         };
+        let hold_bytes = config
+            .get("queued.max.messages.kbytes")
+            .and_then(|kbytes| kbytes.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_HOLD_KBYTES)
+            .saturating_mul(1024);
         let consumer: BaseConsumer<ConsumerCtx> = config.create_with_context(context)?;
         Ok(Self {
             consumer: Arc::new(consumer),
             workers,
             processor,
             buffer,
+            buffer_bytes,
+            hold_bytes,
         })
     }
 
@@ -473,6 +540,8 @@ impl Pipeline {
             workers: self.workers,
             processor: self.processor,
             buffer: self.buffer.max(1),
+            buffer_bytes: self.buffer_bytes,
+            hold_bytes: self.hold_bytes,
             shutdown,
             orphaned,
             runtime,
@@ -514,6 +583,8 @@ struct Fetcher {
     workers: Arc<Mutex<Workers>>,
     processor: Arc<Processor>,
     buffer: usize,
+    buffer_bytes: usize,
+    hold_bytes: usize,
     shutdown: CancellationToken,
     orphaned: CancellationToken,
     runtime: Handle,
@@ -576,11 +647,14 @@ impl Fetcher {
     }
 
     /// Hands `message` to its partition's worker. When the worker's buffer is
-    /// full the partition is paused and the record held, and so is every
-    /// record of that partition that arrives before the pause takes effect,
-    /// in order: the client then refetches from the position after the last
-    /// record it returned, so nothing is skipped, and a record fetched twice
-    /// is recognised by its offset and dropped.
+    /// full the record is held, and so is every later record of that
+    /// partition, in order; once the held records reach the hold limit the
+    /// partition is paused. The client then drops what it had prefetched for
+    /// the partition and, on resume, fetches again from the position after
+    /// the last record it returned, so nothing is skipped; a record fetched
+    /// twice is recognised by its offset and dropped. Holding before pausing
+    /// spares a busy partition a refetch of its prefetched records every time
+    /// its buffer fills.
     fn dispatch(&mut self, message: OwnedMessage) {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let workers = self.workers.clone();
@@ -602,63 +676,67 @@ impl Fetcher {
             }
             None => self.spawn_worker(&mut workers, &message),
         };
-        if holding && let Some(held) = workers.held.get_mut(&key) {
-            held.push_back(message);
-            return;
-        }
-        let Some(worker) = workers.active.get(&key) else {
-            return;
-        };
-        match worker.tx.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(message)) => {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&key.0, key.1);
-                if let Err(error) = self.consumer.pause(&tpl) {
-                    tracing::warn!(%error, partition = %describe(&tpl), "cannot pause a partition with a full buffer");
-                }
-                tracing::debug!(partition = %describe(&tpl), "partition buffer full; partition paused");
-                workers.held.insert(key, VecDeque::from([message]));
+        if let Some(held) = workers.held.get_mut(&key).filter(|_| holding) {
+            held.push(message);
+        } else {
+            match workers.active.get(&key).map(|w| w.offer(message, self.buffer_bytes)) {
+                Some(Err(TrySendError::Full(message))) => workers.held.entry(key.clone()).or_default().push(message),
+                // Sent; or the worker has stopped (shutdown) and the record is
+                // left uncommitted, for redelivery.
+                _ => return,
             }
-            // The worker has stopped (shutdown): the record is left
-            // uncommitted and delivered again.
-            Err(TrySendError::Closed(_)) => {}
+        }
+        if let Some(held) = workers.held.get_mut(&key)
+            && !held.paused
+            && held.bytes >= self.hold_bytes
+        {
+            held.paused = true;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&key.0, key.1);
+            match self.consumer.pause(&tpl) {
+                Ok(()) => {
+                    tracing::debug!(partition = %describe(&tpl), "partition buffer and hold full; partition paused")
+                }
+                Err(error) => tracing::warn!(%error, partition = %describe(&tpl), "cannot pause a partition"),
+            }
         }
     }
 
     /// Moves held records to their workers as far as the buffers have room
-    /// and resumes the partitions whose held records are all handed on.
-    /// Returns whether partitions are still paused.
+    /// and resumes the paused partitions whose held records are down to half
+    /// the hold limit (their records keep coming while the worker works
+    /// through the rest). Returns whether records are still held.
     fn hand_on_held(&mut self) -> bool {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if workers.held.is_empty() {
             return false;
         }
         let Workers { active, held, .. } = &mut *workers;
+        let (buffer_bytes, hold_bytes) = (self.buffer_bytes, self.hold_bytes);
         let mut resume = TopicPartitionList::new();
-        held.retain(|key, records| {
-            // Without a worker to take them (it stopped) the records are left
-            // uncommitted, for redelivery.
-            if let Some(worker) = active.get(key) {
-                while let Some(message) = records.pop_front() {
-                    match worker.tx.try_send(message) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(message)) => {
-                            records.push_front(message);
-                            return true;
-                        }
-                        Err(TrySendError::Closed(_)) => break,
+        held.retain(|key, held| {
+            let worker = active.get(key);
+            while let Some(message) = held.records.pop_front() {
+                let bytes = record_bytes(&message);
+                match worker.map(|w| w.offer(message, buffer_bytes)) {
+                    Some(Ok(())) => held.bytes -= bytes,
+                    Some(Err(TrySendError::Full(message))) => {
+                        held.records.push_front(message);
+                        break;
+                    }
+                    // Without a worker to take them (it stopped) the records
+                    // are left uncommitted, for redelivery.
+                    _ => {
+                        held.records.clear();
+                        held.bytes = 0;
                     }
                 }
-                // Resuming refetches what the client had prefetched, so the
-                // partition stays paused until half its buffer is free: one
-                // pause per half a buffer of records at most, not one per record.
-                if !worker.tx.is_closed() && worker.tx.capacity() * 2 < worker.tx.max_capacity() {
-                    return true;
-                }
             }
-            resume.add_partition(&key.0, key.1);
-            false
+            if held.paused && held.bytes * 2 <= hold_bytes {
+                held.paused = false;
+                resume.add_partition(&key.0, key.1);
+            }
+            !held.records.is_empty() || held.paused
         });
         let holding = !held.is_empty();
         drop(workers);
@@ -678,12 +756,14 @@ impl Fetcher {
         let after = workers.retiring.remove(&key);
         workers.retiring.retain(|_, done| !done.is_cancelled());
         let (tx, rx) = mpsc::channel(self.buffer);
+        let waiting = Arc::new(AtomicUsize::new(0));
         let stop = self.shutdown.child_token();
         let abandon = CancellationToken::new();
         let done = CancellationToken::new();
         let task = self.tasks.spawn_on(
             run_worker(
                 rx,
+                waiting.clone(),
                 self.processor.clone(),
                 self.consumer.clone(),
                 Signals {
@@ -699,6 +779,7 @@ impl Fetcher {
             key.clone(),
             Worker {
                 tx,
+                waiting,
                 stop,
                 abandon,
                 done,
@@ -722,6 +803,7 @@ struct Signals {
 
 async fn run_worker(
     mut rx: mpsc::Receiver<OwnedMessage>,
+    waiting: Arc<AtomicUsize>,
     processor: Arc<Processor>,
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     signals: Signals,
@@ -760,6 +842,7 @@ async fn run_worker(
         let mut stopped = false;
         let mut count = 0;
         while let Some(message) = next.take() {
+            waiting.fetch_sub(record_bytes(&message), Ordering::AcqRel);
             match processor.process(&message, &stop).await {
                 Outcome::Handled => handled = Some(message),
                 Outcome::Stopped => {

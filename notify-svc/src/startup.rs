@@ -114,6 +114,7 @@ impl Application {
             metrics,
             liveness.clone(),
             config.partition_buffer as usize,
+            usize::try_from(config.partition_buffer_bytes).unwrap_or(usize::MAX),
         )?;
 
         // Both topics must exist: the consumer's and the one failures go to.

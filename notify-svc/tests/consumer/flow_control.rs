@@ -28,6 +28,16 @@ fn sequenced(tag: &str, partition: i32, seq: usize) -> OrderCreated {
     event
 }
 
+/// Records beyond a full buffer are held up to the client's prefetch bound
+/// per partition; 1 KiB makes a few records pause the partition.
+fn hold_little(config: &mut notify_svc::config::Config) {
+    config
+        .kafka
+        .options
+        .0
+        .push(("queued.max.messages.kbytes".into(), "1".into()));
+}
+
 /// (partition, seq) of an order id made by [`sequenced`].
 fn place(order_id: &str) -> Option<(i32, usize)> {
     let mut parts = order_id.rsplitn(3, '-');
@@ -54,9 +64,11 @@ async fn a_full_partition_buffer_pauses_that_partition_only_and_it_drains_in_ord
     let (broker, topic, group) = broker_with_topic(2).await;
     let receiver = Receiver::start().await;
     let mut config = config(&broker, &topic, &group, Some(&receiver));
-    // Retries go on until the receiver heals; two records fill a buffer.
+    // Retries go on until the receiver heals; two records fill a buffer, and
+    // a few more held ones (1 KiB) pause the partition.
     config.retry_max_attempts = 100_000;
     config.partition_buffer = 2;
+    hold_little(&mut config);
     let app = TestApp::spawn_ready(config).await;
     let publisher = Publisher::new(&broker, &topic);
     let tag = testkit::unique("flow");
@@ -247,6 +259,7 @@ async fn paused_partitions_revoked_by_a_rebalance_drain_at_their_next_owner_in_o
         let mut config = config(&broker, &topic, &group, Some(&receiver));
         config.retry_max_attempts = 100_000;
         config.partition_buffer = 2;
+        hold_little(&mut config);
         config
     };
     let first = TestApp::spawn_ready(configure()).await;

@@ -63,6 +63,10 @@ struct AllArgs {
     /// Measured time of the open-loop runs [default: 20s, quick 5s].
     #[arg(long, value_parser = humantime_duration)]
     e2e_duration: Option<Duration>,
+    /// Unmeasured broker load before the first measurement: a JVM broker
+    /// compiles its hot paths in its first minute [default: 20s, quick 6s].
+    #[arg(long, value_parser = humantime_duration)]
+    broker_warmup: Option<Duration>,
     /// Records pre-filled for the catch-up [default: 1000000, quick 100000].
     #[arg(long)]
     catchup_count: Option<u64>,
@@ -200,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds: a.rounds.unwrap_or(if q { 2 } else { 4 }),
                 rate: a.rate,
                 e2e_duration: pick(a.e2e_duration, 20, 5),
+                broker_warmup: pick(a.broker_warmup, 20, 6),
                 catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),
                 partitions: a.partitions,
                 broker,

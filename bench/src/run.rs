@@ -39,6 +39,9 @@ pub struct Settings {
     pub rate: f64,
     /// Measured time of the open-loop and raw end-to-end runs.
     pub e2e_duration: Duration,
+    /// Unmeasured broker load before the first measurement (half a raw
+    /// producer at C=64, half raw end to end at `rate`).
+    pub broker_warmup: Duration,
     /// Records pre-filled for the catch-up and raw drain.
     pub catchup_count: u64,
     /// Partitions of every topic the run creates.
@@ -137,7 +140,10 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         topic("e2e"),
         topic("catchup"),
     );
+    let (warm, warm_e2e) = (topic("warmup"), topic("warmup-e2e"));
     let topics: Vec<(String, i32)> = [
+        &warm,
+        &warm_e2e,
         &orders,
         &format!("{orders}.dlq"),
         &ceiling,
@@ -154,6 +160,17 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let broker_idle = procs::rss_mib(broker_pid);
     if let Some(rss) = broker_idle {
         eprintln!("bench: broker RSS {rss:.1} MiB (pid {broker_pid})");
+    }
+    // A JVM broker that has just started is still compiling its hot paths
+    // and spends more CPU per record than it will a minute later; the
+    // first measurement (end to end) would pay for that.
+    if !s.broker_warmup.is_zero() && !s.catchup_only {
+        eprintln!("bench: warming the broker up for {:?}", s.broker_warmup);
+        let half = s.broker_warmup / 2;
+        let cpu = CpuWindow::start(&[("broker", broker_pid)]);
+        raw::produce_closed_loop(&brokers, &warm, &s.kafka_options, 64, Duration::ZERO, half).await?;
+        raw::end_to_end(&brokers, &warm_e2e, &s.kafka_options, s.rate, Duration::ZERO, half).await?;
+        eprintln!("bench: broker warmed up [{}]", cpu.finish());
     }
 
     // Ceiling servers, each in its own process like the service.

@@ -64,7 +64,7 @@ struct AllArgs {
     #[arg(long, value_parser = humantime_duration)]
     e2e_duration: Option<Duration>,
     /// Unmeasured broker load before the first measurement: a JVM broker
-    /// compiles its hot paths in its first minute [default: 20s, quick 6s].
+    /// compiles its hot paths in its first minute [default: 30s, quick 10s].
     #[arg(long, value_parser = humantime_duration)]
     broker_warmup: Option<Duration>,
     /// Records pre-filled for the catch-up [default: 1000000, quick 100000].
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds: a.rounds.unwrap_or(if q { 2 } else { 4 }),
                 rate: a.rate,
                 e2e_duration: pick(a.e2e_duration, 20, 5),
-                broker_warmup: pick(a.broker_warmup, 20, 6),
+                broker_warmup: pick(a.broker_warmup, 30, 10),
                 catchup_count: a.catchup_count.unwrap_or(if q { 100_000 } else { 1_000_000 }),
                 partitions: a.partitions,
                 broker,

@@ -62,9 +62,12 @@ pub struct Config {
     pub max_record_bytes: u64,
 
     /// Records that may wait per partition for that partition's worker.
-    /// While a partition's worker is slow (retrying), the others go on until
-    /// this many of its records wait; then fetching waits for it.
-    #[arg(long, env = "PARTITION_BUFFER", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    /// Once this many (or PARTITION_BUFFER_BYTES) wait, further records of
+    /// that partition are held up to the client's prefetch size and then the
+    /// partition alone is paused until its worker catches up; the other
+    /// partitions go on. A deep buffer keeps a catch-up from cycling through
+    /// pauses, each of which drops the partition's prefetched records.
+    #[arg(long, env = "PARTITION_BUFFER", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub partition_buffer: u64,
 
     /// Most bytes (values, keys, headers) of the records waiting per

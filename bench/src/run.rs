@@ -640,7 +640,7 @@ enum RunningBroker {
     Kafka(testkit::Broker),
     /// Tansu with the storage `--storage` names (in memory by default, unlike
     /// the tests' sqlite: earlier runs measured it so).
-    Tansu { proc: Proc, addr: String },
+    Tansu { proc: Box<Proc>, addr: String },
     /// A running broker (`--brokers`).
     Given(String),
 }
@@ -658,7 +658,7 @@ impl RunningBroker {
                 let proc = procs::start_tansu(&tansu, port, &s.storage, dir)?;
                 procs::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
                 Ok(Self::Tansu {
-                    proc,
+                    proc: Box::new(proc),
                     addr: format!("127.0.0.1:{port}"),
                 })
             }

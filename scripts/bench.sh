@@ -32,4 +32,4 @@ if [ -z "$given" ]; then
   esac
 fi
 cargo build --release --locked -p bench -p order-svc -p notify-svc
-exec target/release/bench all "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/bench" all "$@"

@@ -1,9 +1,10 @@
 //! `bench`: run everything (`bench all`), drive one target (`bench loadgen`),
-//! or serve a ceiling (`bench serve-bare`, used by `bench all`).
+//! serve a ceiling (`bench serve-bare`, used by `bench all`), or count
+//! instructions per call (`bench instructions`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use bench::{bare, loadgen, procs, run, stats::Percentiles};
+use bench::{bare, instructions, loadgen, procs, run, stats::Percentiles};
 use clap::{Args, Parser, Subcommand};
 use service_kit::kafka::KafkaOptions;
 
@@ -32,6 +33,39 @@ enum Cmd {
     Loadgen(LoadArgs),
     /// Serve the bare OrderService ceiling (with --brokers: one produce per call).
     ServeBare(BareArgs),
+    /// Count CPU instructions per CreateOrder call (valgrind callgrind,
+    /// whole process) for order-svc and ceiling 2 at fixed rates.
+    Instructions(InstructionsArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstructionsArgs {
+    /// Open-loop rates, calls/s, comma-separated (at least two: the cost of
+    /// a call is the slope between them).
+    #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+    rates: Vec<f64>,
+    /// How long each rate runs.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    duration: Duration,
+    /// HTTP/2 connections of the generator.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// The broker to start.
+    #[arg(long, value_enum, default_value_t = Broker::Kafka)]
+    broker: Broker,
+    /// Use this running broker instead of starting one.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// librdkafka properties for the servers [default: none on Apache
+    /// Kafka; on Tansu, scripts/tansu-kafka-options].
+    #[arg(long, env = "KAFKA_OPTIONS")]
+    kafka_options: Option<KafkaOptions>,
+    /// order-svc binary [default: next to this one].
+    #[arg(long)]
+    order_svc_bin: Option<PathBuf>,
+    /// valgrind binary.
+    #[arg(long, default_value = "valgrind")]
+    valgrind: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +142,15 @@ struct AllArgs {
     /// Run only the pre-fill, the raw drain and the notify-svc catch-up.
     #[arg(long)]
     catchup_only: bool,
+    /// The server under test (ceiling servers, services) on CPUs of its own,
+    /// the broker and this load generator on the others (on 2 CPUs: the
+    /// server on one, everything else on the other) [default: on 4 or more
+    /// CPUs].
+    #[arg(long, conflicts_with = "no_pin")]
+    pin: bool,
+    /// Every process on every CPU, even on 4 or more.
+    #[arg(long)]
+    no_pin: bool,
     /// KEY=VALUE environment for the catch-up notify-svc (tuning
     /// experiments, e.g. RUST_LOG=warn or DEDUP_CACHE_SIZE=10000); repeatable.
     #[arg(long, value_parser = parse_env)]
@@ -121,6 +164,27 @@ enum Broker {
     Kafka,
     /// Tansu, the broker of `scripts/run.sh`.
     Tansu,
+}
+
+impl Broker {
+    fn kind(self) -> testkit::BrokerKind {
+        match self {
+            Broker::Kafka => testkit::BrokerKind::Kafka,
+            Broker::Tansu => testkit::BrokerKind::Tansu,
+        }
+    }
+}
+
+/// `given`, else what users run with: librdkafka's defaults on Apache Kafka;
+/// on Tansu, what scripts/tansu-kafka-options says it needs.
+fn default_options(given: Option<KafkaOptions>, broker: testkit::BrokerKind) -> anyhow::Result<KafkaOptions> {
+    Ok(match given {
+        Some(options) => options,
+        None => match broker {
+            testkit::BrokerKind::Kafka => KafkaOptions::default(),
+            testkit::BrokerKind::Tansu => broker.client_options().parse()?,
+        },
+    })
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -180,19 +244,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::All(a) => {
             let a = *a;
             let q = a.quick;
-            let broker = match a.broker {
-                Broker::Kafka => testkit::BrokerKind::Kafka,
-                Broker::Tansu => testkit::BrokerKind::Tansu,
-            };
-            // Users on Apache Kafka run with librdkafka's defaults; on Tansu,
-            // with what scripts/tansu-kafka-options says it needs.
-            let kafka_options = match a.kafka_options {
-                Some(options) => options,
-                None => match broker {
-                    testkit::BrokerKind::Kafka => KafkaOptions::default(),
-                    testkit::BrokerKind::Tansu => broker.client_options().parse()?,
-                },
-            };
+            let broker = a.broker.kind();
+            let kafka_options = default_options(a.kafka_options, broker)?;
             let pick = |v: Option<Duration>, full: u64, quick: u64| {
                 v.unwrap_or(Duration::from_secs(if q { quick } else { full }))
             };
@@ -219,6 +272,11 @@ async fn main() -> anyhow::Result<()> {
                 out: a.out,
                 catchup_only: a.catchup_only,
                 notify_env: a.notify_env,
+                placement: procs::Placement::plan(match (a.pin, a.no_pin) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                })?,
             });
             // On Ctrl-C or SIGTERM, drop the run: its child processes (broker,
             // services, ceiling servers) are killed on drop.
@@ -228,6 +286,20 @@ async fn main() -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
                 _ = term.recv() => anyhow::bail!("terminated"),
             }
+        }
+        Cmd::Instructions(a) => {
+            let broker = a.broker.kind();
+            instructions::run(instructions::Settings {
+                rates: a.rates,
+                duration: a.duration,
+                connections: a.connections,
+                broker,
+                brokers: a.brokers,
+                kafka_options: default_options(a.kafka_options, broker)?,
+                order_svc_bin: a.order_svc_bin.unwrap_or_else(|| procs::sibling_binary("order-svc")),
+                valgrind: a.valgrind,
+            })
+            .await
         }
         Cmd::Loadgen(a) => {
             let result = loadgen::run(&loadgen::LoadSpec {

@@ -271,3 +271,181 @@ pub fn start_tansu(tansu: &Path, port: u16, storage: &str, dir: &Path) -> anyhow
         .stderr(std::fs::File::create(dir.join("tansu.log"))?);
     Proc::spawn("tansu", command)
 }
+
+/// Which CPUs each part of a run may use. Shared: everything everywhere,
+/// as on a small machine where the services share it with the broker.
+/// Pinned: the server under test (a ceiling server or a service) on cores
+/// of its own, so its throughput is its own cost and not the broker's or
+/// the generator's; the broker and the generator (this process, which also
+/// runs the raw ceilings) on the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No affinity set.
+    Shared,
+    /// CPU lists as `taskset -c` takes them.
+    Pinned {
+        /// The server under test.
+        server: String,
+        /// The broker.
+        broker: String,
+        /// This process: load generator and raw clients.
+        generator: String,
+    },
+}
+
+impl Placement {
+    /// Pinned when `pin` says so, or by default on 4 or more CPUs; shared
+    /// otherwise. Pinning needs at least two CPUs.
+    pub fn plan(pin: Option<bool>) -> anyhow::Result<Self> {
+        Self::plan_for(&allowed_cpus()?, pin)
+    }
+
+    fn plan_for(cpus: &[usize], pin: Option<bool>) -> anyhow::Result<Self> {
+        let n = cpus.len();
+        if !pin.unwrap_or(n >= 4) {
+            return Ok(Self::Shared);
+        }
+        anyhow::ensure!(n >= 2, "--pin needs at least 2 CPUs, this process may use {n}");
+        // Two server cores from 8 up, as in the pinned run of issue 20.
+        let (rest, server) = cpus.split_at(n - if n >= 8 { 2 } else { 1 });
+        // With fewer than 3 left, broker and generator share them; else the
+        // broker gets a third (the generator drives three servers and the raw
+        // clients, and runs more threads).
+        let (broker, generator) = if rest.len() < 3 {
+            (rest, rest)
+        } else {
+            rest.split_at(rest.len() / 3)
+        };
+        Ok(Self::Pinned {
+            server: cpu_list(server),
+            broker: cpu_list(broker),
+            generator: cpu_list(generator),
+        })
+    }
+
+    /// "pinned: server on CPU 1, broker on 0, load generator on 0" for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Shared => "shared: no CPU affinity, every process on every CPU".into(),
+            Self::Pinned {
+                server,
+                broker,
+                generator,
+            } => {
+                format!("pinned: server under test on CPU {server}, broker on {broker}, load generator on {generator}")
+            }
+        }
+    }
+
+    /// Pins this process (every thread, and so whatever it starts later) to
+    /// the generator's CPUs.
+    pub fn pin_generator(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Shared => Ok(()),
+            Self::Pinned { generator, .. } => pin(std::process::id(), generator),
+        }
+    }
+
+    /// Pins a running broker (every thread) to the broker's CPUs.
+    pub fn pin_broker(&self, pid: u32) -> anyhow::Result<()> {
+        match self {
+            Self::Pinned { broker, .. } if pid != 0 => pin(pid, broker),
+            _ => Ok(()),
+        }
+    }
+
+    /// A command running `program` as a server under test: through
+    /// `taskset -c` (which execs it, so the pid is the server's) when pinned.
+    pub fn server_command(&self, program: &Path) -> Command {
+        match self {
+            Self::Shared => Command::new(program),
+            Self::Pinned { server, .. } => {
+                let mut command = Command::new("taskset");
+                command.args(["-c", server]).arg(program);
+                command
+            }
+        }
+    }
+}
+
+/// Sets the CPU affinity of every thread of `pid` with util-linux's
+/// `taskset` (the workspace forbids the `unsafe` a direct
+/// `sched_setaffinity` would need).
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run taskset (util-linux): {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -a -p -c {cpus} {pid} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The CPUs this process may run on (`Cpus_allowed_list` in /proc).
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow::anyhow!("/proc/self/status has no Cpus_allowed_list"))?;
+    parse_cpu_list(list.trim())
+}
+
+/// "0-2,5" -> [0, 1, 2, 5].
+fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let bad = || anyhow::anyhow!("not a CPU list: {list:?}");
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().map_err(|_| bad())?..=b.parse().map_err(|_| bad())?),
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(cpus)
+}
+
+/// [0, 1, 2, 5] -> "0,1,2,5".
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert_eq!(parse_cpu_list("3").unwrap(), vec![3]);
+        assert!(parse_cpu_list("a-b").is_err());
+        assert_eq!(cpu_list(&[0, 1, 5]), "0,1,5");
+    }
+
+    #[test]
+    fn the_server_gets_cores_of_its_own() {
+        let pinned = |s: &str, b: &str, g: &str| Placement::Pinned {
+            server: s.into(),
+            broker: b.into(),
+            generator: g.into(),
+        };
+        assert_eq!(Placement::plan_for(&[0, 1], None).unwrap(), Placement::Shared);
+        assert_eq!(Placement::plan_for(&[0, 1], Some(true)).unwrap(), pinned("1", "0", "0"));
+        assert_eq!(
+            Placement::plan_for(&[0, 1, 2, 3], None).unwrap(),
+            pinned("3", "0", "1,2")
+        );
+        assert_eq!(
+            Placement::plan_for(&[0, 1, 2, 3], Some(false)).unwrap(),
+            Placement::Shared
+        );
+        let all: Vec<usize> = (0..16).collect();
+        assert_eq!(
+            Placement::plan_for(&all, None).unwrap(),
+            pinned("14,15", "0,1,2,3", "4,5,6,7,8,9,10,11,12,13")
+        );
+        assert!(Placement::plan_for(&[0], Some(true)).is_err());
+    }
+}

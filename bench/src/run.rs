@@ -70,6 +70,8 @@ pub struct Settings {
     pub catchup_only: bool,
     /// Extra environment for the catch-up notify-svc (for tuning experiments).
     pub notify_env: Vec<(String, String)>,
+    /// Which CPUs the servers under test, the broker and the generator use.
+    pub placement: procs::Placement,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,9 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("orders-bench-{run_id}"));
     std::fs::create_dir_all(&dir)?;
     eprintln!("bench: working directory {}", dir.display());
+    // Before anything starts: threads and children inherit the affinity.
+    s.placement.pin_generator()?;
+    eprintln!("bench: {}", s.placement.describe());
     let http = reqwest::Client::new();
     let mut r = Results::default();
     let opts = s.kafka_options.to_string();
@@ -126,10 +131,11 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     // Broker.
     let broker = match &s.brokers {
         Some(b) => RunningBroker::Given(b.clone()),
-        None => RunningBroker::start(&s, &dir).await?,
+        None => RunningBroker::start(s.broker, s.tansu.as_deref(), &s.storage, &dir).await?,
     };
     let brokers = broker.addr();
     let broker_pid = broker.pid();
+    s.placement.pin_broker(broker_pid)?;
     r.broker = broker.describe(&s);
     eprintln!("bench: broker {}", r.broker);
     let topic = |name: &str| format!("bench-{run_id}-{name}");
@@ -175,15 +181,12 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
 
     // Ceiling servers, each in its own process like the service.
     let exe = std::env::current_exe()?;
-    let mut bare = Proc::spawn("bare server", bare_command(&exe, None, &s.kafka_options))?;
+    let mut bare = Proc::spawn("bare server", bare_command(&s, &exe, None))?;
     let bare_url = format!(
         "http://{}",
         bare.wait_for_line("listening on", Duration::from_secs(10)).await?
     );
-    let mut bare_kafka = Proc::spawn(
-        "bare+kafka server",
-        bare_command(&exe, Some((&brokers, &ceiling)), &s.kafka_options),
-    )?;
+    let mut bare_kafka = Proc::spawn("bare+kafka server", bare_command(&s, &exe, Some((&brokers, &ceiling))))?;
     let bare_kafka_url = format!(
         "http://{}",
         bare_kafka
@@ -196,7 +199,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         Some(url) => (url.clone(), None),
         None => {
             let (grpc, metrics) = (procs::free_port()?, procs::free_port()?);
-            let mut command = Command::new(&s.order_svc_bin);
+            let mut command = s.placement.server_command(&s.order_svc_bin);
             command
                 .env("KAFKA_BROKERS", &brokers)
                 .env("ORDERS_TOPIC", &orders)
@@ -635,7 +638,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
 
 /// The broker of a run: one `bench all` started, or one it was given.
 #[derive(Debug)]
-enum RunningBroker {
+pub(crate) enum RunningBroker {
     /// Apache Kafka as testkit starts it for the tests.
     Kafka(testkit::Broker),
     /// Tansu with the storage `--storage` names (in memory by default, unlike
@@ -646,16 +649,23 @@ enum RunningBroker {
 }
 
 impl RunningBroker {
-    async fn start(s: &Settings, dir: &std::path::Path) -> anyhow::Result<Self> {
-        match s.broker {
+    /// Starts a broker of `kind`; Tansu (`tansu`, else where testkit finds
+    /// it) with `storage`, in `dir`.
+    pub(crate) async fn start(
+        kind: BrokerKind,
+        tansu: Option<&std::path::Path>,
+        storage: &str,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        match kind {
             BrokerKind::Kafka => Ok(Self::Kafka(testkit::Broker::start_kind(BrokerKind::Kafka).await?)),
             BrokerKind::Tansu => {
-                let tansu = match &s.tansu {
-                    Some(t) => t.clone(),
+                let tansu = match tansu {
+                    Some(t) => t.to_owned(),
                     None => testkit::tansu_bin()?,
                 };
                 let port = procs::free_port()?;
-                let proc = procs::start_tansu(&tansu, port, &s.storage, dir)?;
+                let proc = procs::start_tansu(&tansu, port, storage, dir)?;
                 procs::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await?;
                 Ok(Self::Tansu {
                     proc: Box::new(proc),
@@ -665,7 +675,7 @@ impl RunningBroker {
         }
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         match self {
             Self::Kafka(b) => b.addr(),
             Self::Tansu { addr, .. } | Self::Given(addr) => addr.clone(),
@@ -709,7 +719,7 @@ impl RunningBroker {
 
     /// Stops the broker; Apache Kafka's log is kept in `dir` (testkit's
     /// folder goes with the broker).
-    async fn stop(self, dir: &std::path::Path) {
+    pub(crate) async fn stop(self, dir: &std::path::Path) {
         match self {
             Self::Kafka(mut b) => {
                 let _ = std::fs::copy(b.log_path(), dir.join("kafka.log"));
@@ -730,13 +740,13 @@ fn kafka_version(libs: &std::path::Path) -> Option<String> {
     })
 }
 
-fn bare_command(exe: &std::path::Path, kafka: Option<(&str, &str)>, options: &KafkaOptions) -> Command {
-    let mut command = Command::new(exe);
+fn bare_command(s: &Settings, exe: &std::path::Path, kafka: Option<(&str, &str)>) -> Command {
+    let mut command = s.placement.server_command(exe);
     command.args(["serve-bare", "--addr", "127.0.0.1:0"]);
     if let Some((brokers, topic)) = kafka {
         command
             .args(["--brokers", brokers, "--topic", topic])
-            .arg(format!("--kafka-options={options}"));
+            .arg(format!("--kafka-options={}", s.kafka_options));
     }
     command.stdout(Stdio::piped()).stderr(Stdio::inherit());
     command
@@ -751,7 +761,7 @@ fn spawn_notify(
     log: &std::path::Path,
     extra_env: &[(String, String)],
 ) -> anyhow::Result<Proc> {
-    let mut command = Command::new(&s.notify_svc_bin);
+    let mut command = s.placement.server_command(&s.notify_svc_bin);
     command
         .env("KAFKA_BROKERS", brokers)
         .env("ORDERS_TOPIC", topic)
@@ -767,7 +777,7 @@ fn spawn_notify(
     Proc::spawn("notify-svc", command)
 }
 
-async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(response) = http.get(url).send().await
@@ -799,7 +809,8 @@ fn report(s: &Settings, r: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n## Results\n\nwarm-up {:?}, closed-loop runs {:?} each, open loop {:?} at {}/s, {} partitions, broker: {}, KAFKA_OPTIONS {}\n",
+        "\n## Results\n\nCPU placement {}; warm-up {:?}, closed-loop runs {:?} each, open loop {:?} at {}/s, {} partitions, broker: {}, KAFKA_OPTIONS {}\n",
+        s.placement.describe(),
         s.warmup,
         s.duration,
         s.e2e_duration,

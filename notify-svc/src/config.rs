@@ -23,6 +23,19 @@ pub struct Config {
     #[arg(long, env = "DLQ_TOPIC", default_value = "orders.dlq")]
     pub dlq_topic: String,
 
+    /// Also write Spring for Apache Kafka's dead-letter headers
+    /// (kafka_dlt-original-topic, -partition, -offset, kafka_dlt-exception-fqcn,
+    /// -message) beside our dlq.* ones, in Spring's encodings, so
+    /// Spring-based tooling reads our dead letters (true or false).
+    #[arg(
+        long,
+        env = "DLQ_SPRING_HEADERS",
+        default_value = "false",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub dlq_spring_headers: bool,
+
     /// Send notifications as JSON POSTs to this URL instead of logging them.
     /// Never shown in help or errors: webhook URLs often carry a token.
     #[arg(

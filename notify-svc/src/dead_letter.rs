@@ -5,7 +5,14 @@
 //!
 //! The original's own `dlq.*` headers are not copied: a reader of a dead
 //! letter's `dlq.*` headers reads only what notify-svc wrote, whatever the
-//! producer of the original put in its record.
+//! producer of the original put in its record. That includes the
+//! `dlq.redriven.*` headers `orderctl dlq redrive` puts on a record it sends
+//! back: a redriven record that fails again gets a fresh set of headers.
+//!
+//! With `DLQ_SPRING_HEADERS` the same context is also written under the names
+//! Spring for Apache Kafka's `DeadLetterPublishingRecoverer` uses
+//! ([`header::spring`]), in its encodings, so Spring-based tooling reads our
+//! dead letters.
 
 use std::time::Duration;
 
@@ -42,6 +49,27 @@ pub mod header {
     /// what was left out (`value` or `value,headers`) and the original size.
     /// The record itself is still at its original topic, partition and offset.
     pub const OMITTED: &str = "dlq.omitted";
+
+    /// Spring for Apache Kafka's names (`KafkaHeaders.DLT_*`), written beside
+    /// ours when `DLQ_SPRING_HEADERS` is on, in Spring's encodings: text is
+    /// UTF-8, the partition a 4-byte and the offset an 8-byte big-endian
+    /// two's-complement integer (Java's `ByteBuffer.putInt`/`putLong`).
+    pub mod spring {
+        /// The prefix of every header below; headers of the original with it
+        /// are left out of its dead letter when these are written.
+        pub const PREFIX: &str = "kafka_dlt-";
+        /// Same as [`super::ORIGINAL_TOPIC`] (UTF-8).
+        pub const ORIGINAL_TOPIC: &str = "kafka_dlt-original-topic";
+        /// Same as [`super::ORIGINAL_PARTITION`] (4 bytes, big-endian).
+        pub const ORIGINAL_PARTITION: &str = "kafka_dlt-original-partition";
+        /// Same as [`super::ORIGINAL_OFFSET`] (8 bytes, big-endian).
+        pub const ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
+        /// Same as [`super::ERROR_CLASS`] (UTF-8): Spring puts the Java
+        /// exception's class name here; we put our error class.
+        pub const EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
+        /// Same as [`super::ERROR_MESSAGE`] (UTF-8).
+        pub const EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
+    }
 }
 
 /// Why a record is dead-lettered.
@@ -85,11 +113,15 @@ impl ClientContext for DeadLetterCtx {
 pub struct DeadLetters {
     producer: FutureProducer<DeadLetterCtx>,
     topic: String,
+    spring_headers: bool,
 }
 
 impl std::fmt::Debug for DeadLetters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetters").field("topic", &self.topic).finish()
+        f.debug_struct("DeadLetters")
+            .field("topic", &self.topic)
+            .field("spring_headers", &self.spring_headers)
+            .finish()
     }
 }
 
@@ -101,7 +133,14 @@ impl DeadLetters {
                 errors: Throttled::new(ERROR_LOG_INTERVAL),
             })?,
             topic,
+            spring_headers: false,
         })
+    }
+
+    /// Also writes Spring's header names ([`header::spring`]) when `on`.
+    pub fn with_spring_headers(mut self, on: bool) -> Self {
+        self.spring_headers = on;
+        self
     }
 
     /// The producer, for start-up checks.
@@ -141,7 +180,10 @@ impl DeadLetters {
     async fn publish_trimmed(&self, original: &OwnedMessage, failure: &Failure, trim: Trim) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let (Some(h), false) = (original.headers(), trim == Trim::ValueAndHeaders) {
-            for header in h.iter().filter(|h| !is_dead_letter_header(h.key)) {
+            for header in h
+                .iter()
+                .filter(|h| !(is_dead_letter_header(h.key) || (self.spring_headers && is_spring_header(h.key))))
+            {
                 headers = headers.insert(Header {
                     key: header.key,
                     value: header.value,
@@ -167,6 +209,9 @@ impl DeadLetters {
                 key,
                 value: Some(value.as_bytes()),
             });
+        }
+        if self.spring_headers {
+            headers = spring_headers(headers, original, failure);
         }
         let omitted = match trim {
             Trim::Nothing => None,
@@ -209,6 +254,33 @@ fn is_dead_letter_header(key: &str) -> bool {
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case(header::PREFIX))
 }
 
+/// Whether `key` is one of Spring's dead-letter headers (ASCII case ignored).
+fn is_spring_header(key: &str) -> bool {
+    key.get(..header::spring::PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(header::spring::PREFIX))
+}
+
+/// Adds Spring's names for where `original` came from and why it failed, in
+/// Spring's encodings.
+fn spring_headers(headers: OwnedHeaders, original: &OwnedMessage, failure: &Failure) -> OwnedHeaders {
+    let partition = original.partition().to_be_bytes();
+    let offset = original.offset().to_be_bytes();
+    [
+        (header::spring::ORIGINAL_TOPIC, original.topic().as_bytes()),
+        (header::spring::ORIGINAL_PARTITION, &partition[..]),
+        (header::spring::ORIGINAL_OFFSET, &offset[..]),
+        (header::spring::EXCEPTION_FQCN, failure.class.as_bytes()),
+        (header::spring::EXCEPTION_MESSAGE, failure.message.as_bytes()),
+    ]
+    .into_iter()
+    .fold(headers, |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
 /// How much of a record is left out of its dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trim {
@@ -229,5 +301,41 @@ mod tests {
         for key in ["ce_id", "traceparent", "dlq", "dl", "", "x.dlq.error.class", "é"] {
             assert!(!is_dead_letter_header(key), "{key}");
         }
+    }
+
+    #[test]
+    fn spring_headers_use_springs_names_and_encodings() {
+        use rdkafka::Timestamp;
+        let original = OwnedMessage::new(
+            Some(b"v".to_vec()),
+            Some(b"k".to_vec()),
+            "orders".into(),
+            Timestamp::NotAvailable,
+            3,
+            258,
+            None,
+        );
+        let failure = Failure {
+            class: "notify_permanent",
+            message: "webhook answered 422".into(),
+            attempts: 1,
+        };
+        let headers = spring_headers(OwnedHeaders::new(), &original, &failure);
+        let got: Vec<(&str, Vec<u8>)> = headers
+            .iter()
+            .map(|h| (h.key, h.value.unwrap_or_default().to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("kafka_dlt-original-topic", b"orders".to_vec()),
+                ("kafka_dlt-original-partition", vec![0, 0, 0, 3]),
+                ("kafka_dlt-original-offset", vec![0, 0, 0, 0, 0, 0, 1, 2]),
+                ("kafka_dlt-exception-fqcn", b"notify_permanent".to_vec()),
+                ("kafka_dlt-exception-message", b"webhook answered 422".to_vec()),
+            ]
+        );
+        assert!(is_spring_header("kafka_dlt-original-topic") && is_spring_header("KAFKA_DLT-x"));
+        assert!(!is_spring_header("kafka_dlt") && !is_spring_header("ce_id"));
     }
 }

@@ -90,7 +90,8 @@ impl Application {
         let dlq_config = config
             .kafka
             .client_config(kafka::Role::Producer, dead_letter::PRODUCER_DEFAULTS);
-        let dead_letters = DeadLetters::new(&dlq_config, config.dlq_topic.clone())?;
+        let dead_letters =
+            DeadLetters::new(&dlq_config, config.dlq_topic.clone())?.with_spring_headers(config.dlq_spring_headers);
         let retry = RetryPolicy {
             max_attempts: config.retry_max_attempts,
             initial_delay: config.retry_initial_delay,

@@ -4,7 +4,11 @@
 //! ```text
 //! orderctl create --user u-1 --currency EUR --item SKU-1:2:1999
 //! orderctl health
+//! orderctl dlq list --class notify_permanent
+//! orderctl dlq redrive --class notify_permanent
 //! ```
+
+mod dlq;
 
 use std::time::Duration;
 
@@ -60,6 +64,9 @@ enum Cmd {
     },
     /// Check order-svc's gRPC health (overall).
     Health,
+    /// The dead-letter topic: list, show and redrive dead letters (talks to
+    /// Kafka, not to order-svc).
+    Dlq(Box<dlq::DlqArgs>),
 }
 
 fn parse_item(s: &str) -> Result<LineItem, String> {
@@ -98,6 +105,9 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Dlq(args) = &cli.command {
+        return Ok(dlq::run(args).await?);
+    }
     let channel = channel(&cli).await?;
     match &cli.command {
         Cmd::Create {
@@ -144,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        // Handled above, without connecting to order-svc.
+        Cmd::Dlq(_) => {}
     }
     Ok(())
 }

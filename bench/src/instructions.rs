@@ -20,9 +20,9 @@ use testkit::BrokerKind;
 use tokio::process::Command;
 
 use crate::{
+    fixtures,
     loadgen::{self, LoadSpec},
     procs::{self, Proc},
-    raw,
     run::RunningBroker,
 };
 
@@ -70,7 +70,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let brokers = broker.addr();
     let (orders, ceiling) = (format!("instr-{run_id}-orders"), format!("instr-{run_id}-ceiling"));
-    raw::create_topics(&brokers, &[(orders.clone(), 3), (ceiling.clone(), 3)]).await?;
+    fixtures::create_topics(&brokers, &[(orders.clone(), 3), (ceiling.clone(), 3)]).await?;
     let exe = std::env::current_exe()?;
 
     let mut table = Vec::new();
@@ -110,7 +110,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 /// A server under test.
 #[derive(Debug)]
 enum Server<'a> {
-    /// `bench serve-bare --brokers`: tonic + one produce per call.
+    /// `bench serve-ceiling --brokers`: tonic + one produce per call.
     Ceiling { exe: &'a Path, topic: &'a str },
     /// order-svc.
     OrderSvc { bin: &'a Path, topic: &'a str },
@@ -141,7 +141,7 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
             command
                 .arg(exe)
                 .args([
-                    "serve-bare",
+                    "serve-ceiling",
                     "--addr",
                     "127.0.0.1:0",
                     "--brokers",

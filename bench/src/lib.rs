@@ -4,11 +4,12 @@
 //! against a broker and the two services in one go, and `bench
 //! instructions`, which counts a call's CPU instructions.
 
-pub mod bare;
+pub mod fixtures;
+pub mod grpc_ceiling;
 pub mod instructions;
+pub mod kafka_ceiling;
 pub mod loadgen;
 pub mod procs;
 pub mod prom;
-pub mod raw;
 pub mod run;
 pub mod stats;

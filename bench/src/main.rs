@@ -1,15 +1,15 @@
 //! `bench`: run everything (`bench all`), drive one target (`bench loadgen`),
-//! serve a ceiling (`bench serve-bare`, used by `bench all`), or count
+//! serve a ceiling (`bench serve-ceiling`, used by `bench all`), or count
 //! instructions per call (`bench instructions`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use bench::{bare, instructions, loadgen, procs, run, stats::Percentiles};
+use bench::{grpc_ceiling, instructions, loadgen, procs, run, stats::Percentiles};
 use clap::{Args, Parser, Subcommand};
 use service_kit::kafka::KafkaOptions;
 
 // The services' allocator, so that the ceilings served from this binary
-// (`serve-bare`) are built from the same parts as order-svc.
+// (`serve-ceiling`) are built from the same parts as order-svc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -31,8 +31,10 @@ enum Cmd {
     /// Drive one OrderService endpoint, closed loop (--concurrency) or open
     /// loop (--rate).
     Loadgen(LoadArgs),
-    /// Serve the bare OrderService ceiling (with --brokers: one produce per call).
-    ServeBare(BareArgs),
+    /// Serve the OrderService ceiling: ceiling 1 (bare tonic), or with
+    /// --brokers ceiling 2 (one produce per call).
+    #[command(alias = "serve-bare")]
+    ServeCeiling(CeilingArgs),
     /// Count CPU instructions per CreateOrder call (valgrind callgrind,
     /// whole process) for order-svc and ceiling 2 at fixed rates.
     Instructions(InstructionsArgs),
@@ -216,7 +218,7 @@ struct LoadArgs {
 }
 
 #[derive(Debug, Args)]
-struct BareArgs {
+struct CeilingArgs {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:0")]
     addr: SocketAddr,
@@ -326,13 +328,13 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::ServeBare(a) => {
-            let kafka = a.brokers.map(|brokers| bare::KafkaTarget {
+        Cmd::ServeCeiling(a) => {
+            let kafka = a.brokers.map(|brokers| grpc_ceiling::KafkaTarget {
                 brokers,
                 topic: a.topic.unwrap_or_default(),
                 options: a.kafka_options,
             });
-            bare::serve(a.addr, kafka, !a.no_nodelay).await
+            grpc_ceiling::serve(a.addr, kafka, !a.no_nodelay).await
         }
     }
 }

@@ -15,9 +15,10 @@ use testkit::BrokerKind;
 use tokio::process::Command;
 
 use crate::{
+    fixtures, kafka_ceiling,
     loadgen::{self, LoadSpec},
     procs::{self, CpuWindow, Proc},
-    prom, raw,
+    prom,
     stats::{self, Percentiles},
 };
 
@@ -161,7 +162,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     .into_iter()
     .map(|t| (t.clone(), s.partitions))
     .collect();
-    raw::create_topics(&brokers, &topics).await?;
+    fixtures::create_topics(&brokers, &topics).await?;
     eprintln!("bench: broker {brokers}, topics created");
     let broker_idle = procs::rss_mib(broker_pid);
     if let Some(rss) = broker_idle {
@@ -174,8 +175,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         eprintln!("bench: warming the broker up for {:?}", s.broker_warmup);
         let half = s.broker_warmup / 2;
         let cpu = CpuWindow::start(&[("broker", broker_pid)]);
-        raw::produce_closed_loop(&brokers, &warm, &s.kafka_options, 64, Duration::ZERO, half).await?;
-        raw::end_to_end(&brokers, &warm_e2e, &s.kafka_options, s.rate, Duration::ZERO, half).await?;
+        kafka_ceiling::produce_closed_loop(&brokers, &warm, &s.kafka_options, 64, Duration::ZERO, half).await?;
+        kafka_ceiling::end_to_end(&brokers, &warm_e2e, &s.kafka_options, s.rate, Duration::ZERO, half).await?;
         eprintln!("bench: broker warmed up [{}]", cpu.finish());
     }
 
@@ -353,7 +354,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     // Raw end to end at the same rate.
     if !s.catchup_only {
         let cpu = CpuWindow::start(&watched(0));
-        let raw_e2e = raw::end_to_end(&brokers, &e2e_topic, &s.kafka_options, s.rate, s.warmup, s.e2e_duration).await?;
+        let raw_e2e =
+            kafka_ceiling::end_to_end(&brokers, &e2e_topic, &s.kafka_options, s.rate, s.warmup, s.e2e_duration).await?;
         let raw_pct = Percentiles::of(&raw_e2e.latency);
         eprintln!(
             "bench: raw end to end at {}/s: {raw_pct}, {} of {} received",
@@ -471,7 +473,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             r.rows.push(row);
         }
         let cpu = CpuWindow::start(&watched(0));
-        let result = raw::produce_closed_loop(&brokers, &raw_topic, &s.kafka_options, c, s.warmup, s.duration).await?;
+        let result =
+            kafka_ceiling::produce_closed_loop(&brokers, &raw_topic, &s.kafka_options, c, s.warmup, s.duration).await?;
         let row = Row {
             what: RAW_PRODUCE.to_owned(),
             concurrency: c.to_string(),
@@ -494,7 +497,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
 
     // Catch-up: pre-fill, raw drain (ceiling 4), then notify-svc.
     eprintln!("bench: pre-filling {catchup} with {} records", s.catchup_count);
-    let took = raw::prefill(&brokers, &catchup, &s.kafka_options, s.catchup_count).await?;
+    let took = kafka_ceiling::prefill(&brokers, &catchup, &s.kafka_options, s.catchup_count).await?;
     note(
         &mut r,
         format!(
@@ -513,7 +516,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             s.catchup_count,
         );
         let group = format!("bench-{run_id}-drain");
-        tokio::task::spawn_blocking(move || raw::drain(&b, &t, &group, &o, n, Duration::from_secs(900))).await??
+        tokio::task::spawn_blocking(move || kafka_ceiling::drain(&b, &t, &group, &o, n, Duration::from_secs(900)))
+            .await??
     };
     eprintln!(
         "bench: raw consumer drained {} records at {:.0} msgs/s (join {:.1} s)",
@@ -742,7 +746,7 @@ fn kafka_version(libs: &std::path::Path) -> Option<String> {
 
 fn bare_command(s: &Settings, exe: &std::path::Path, kafka: Option<(&str, &str)>) -> Command {
     let mut command = s.placement.server_command(exe);
-    command.args(["serve-bare", "--addr", "127.0.0.1:0"]);
+    command.args(["serve-ceiling", "--addr", "127.0.0.1:0"]);
     if let Some((brokers, topic)) = kafka {
         command
             .args(["--brokers", brokers, "--topic", topic])

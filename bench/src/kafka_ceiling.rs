@@ -1,6 +1,7 @@
-//! The Kafka ceilings, without gRPC: a raw producer at a fixed concurrency
-//! (ceiling 3), a raw consumer draining a pre-filled topic (ceiling 4), the
-//! raw producer-to-consumer latency at a fixed rate, and the pre-fill itself.
+//! The Kafka ceilings, rdkafka without gRPC: a producer at a fixed
+//! concurrency (ceiling 3), a consumer draining a pre-filled topic (ceiling
+//! 4), the producer-to-consumer latency at a fixed rate, and the pre-fill
+//! itself.
 
 use std::{
     sync::{
@@ -12,70 +13,21 @@ use std::{
 
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
-use orders_contract::{
-    envelope::{self, Record},
-    v1::{Order, OrderCreated},
-};
+use orders_contract::envelope;
 use rdkafka::{
-    ClientConfig, Message,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
+    Message,
     consumer::{BaseConsumer, Consumer},
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, Headers},
     producer::{FutureProducer, FutureRecord},
-    types::RDKafkaErrorCode as Code,
 };
 use service_kit::kafka::{KafkaOptions, Role, client_config};
 use tokio::task::JoinSet;
 
-use crate::{bare, stats};
-
-/// An `OrderCreated` like the ones order-svc publishes, created now.
-pub fn sample_event(i: u64) -> OrderCreated {
-    let now = orders_contract::timestamp(time::OffsetDateTime::now_utc());
-    OrderCreated {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        order: Some(Order {
-            order_id: uuid::Uuid::now_v7().to_string(),
-            user_id: format!("bench-user-{}", i % 1000),
-            items: crate::loadgen::items(),
-            currency: "EUR".into(),
-            total_minor: 4498,
-            created_at: Some(now),
-            request_id: String::new(),
-        }),
-        occurred_at: Some(now),
-    }
-}
-
-/// The record of [`sample_event`], with the CloudEvents headers and a W3C
-/// `traceparent`, as order-svc sends it.
-pub fn sample_record(i: u64) -> Record {
-    let mut record = envelope::encode_order_created(&sample_event(i), "/order-svc");
-    record.headers.push((
-        "traceparent",
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
-    ));
-    record
-}
-
-/// Creates `topics` (name, partitions); existing ones are left alone.
-pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-    let new: Vec<_> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&new, &options).await? {
-        match result {
-            Ok(_) | Err((_, Code::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
-        }
-    }
-    Ok(())
-}
+use crate::{
+    fixtures::{headers, sample_event, sample_record, service_producer_config},
+    stats,
+};
 
 /// A closed-loop Kafka run.
 #[derive(Debug)]
@@ -100,7 +52,7 @@ pub async fn produce_closed_loop(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<ProduceResult> {
-    let producer: FutureProducer = bare::service_producer_config(brokers, options).create()?;
+    let producer: FutureProducer = service_producer_config(brokers, options).create()?;
     let record = Arc::new(sample_record(0));
     let measure_from = Instant::now() + warmup;
     let end = measure_from + duration;
@@ -121,7 +73,7 @@ pub async fn produce_closed_loop(
                 let fr = FutureRecord::to(&topic)
                     .key(&key)
                     .payload(&record.value)
-                    .headers(bare::headers(&record));
+                    .headers(headers(&record));
                 let acked = match producer.send_result(fr) {
                     Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
                     Err(_) => {
@@ -185,7 +137,7 @@ pub async fn prefill(brokers: &str, topic: &str, options: &KafkaOptions, count: 
         let mut fr = FutureRecord::to(topic)
             .key(&record.key)
             .payload(&record.value)
-            .headers(bare::headers(&record));
+            .headers(headers(&record));
         loop {
             match producer.send_result(fr) {
                 Ok(delivery) => {
@@ -358,7 +310,7 @@ pub async fn end_to_end(
     // Let the consumer settle on its fetch positions.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let producer: FutureProducer = bare::service_producer_config(brokers, options).create()?;
+    let producer: FutureProducer = service_producer_config(brokers, options).create()?;
     let record = sample_record(0);
     let period = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
@@ -377,7 +329,7 @@ pub async fn end_to_end(
             measure_from_ns.store(unix_ns(SystemTime::now()), Ordering::Relaxed);
         }
         let stamp = unix_ns(SystemTime::now()).to_string();
-        let headers = bare::headers(&record).insert(Header {
+        let headers = headers(&record).insert(Header {
             key: SENT_AT,
             value: Some(stamp.as_bytes()),
         });

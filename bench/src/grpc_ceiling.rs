@@ -8,7 +8,6 @@
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
 };
 
 use order_svc::producer::AckProducer;
@@ -19,11 +18,10 @@ use orders_contract::{
         order_service_server::{OrderService, OrderServiceServer},
     },
 };
-use rdkafka::message::{Header, OwnedHeaders};
-use service_kit::kafka::{KafkaOptions, Role, client_config};
+use service_kit::kafka::KafkaOptions;
 use tonic::{Request, Response, Status};
 
-use crate::raw;
+use crate::fixtures::{headers, sample_event, sample_record, service_producer_config};
 
 /// Where the Kafka ceiling publishes.
 #[derive(Debug, Clone)]
@@ -36,17 +34,7 @@ pub struct KafkaTarget {
     pub options: KafkaOptions,
 }
 
-/// order-svc's producer configuration: its defaults, then `options`.
-pub fn service_producer_config(brokers: &str, options: &KafkaOptions) -> rdkafka::ClientConfig {
-    client_config(
-        brokers,
-        Role::Producer,
-        order_svc::publisher::producer_defaults(Duration::from_secs(5), 1024),
-        options,
-    )
-}
-
-struct BareApi {
+struct CeilingService {
     /// Varies the record key per call so records spread over the partitions,
     /// as order ids do.
     calls: AtomicU64,
@@ -55,28 +43,16 @@ struct BareApi {
     order: Order,
 }
 
-impl std::fmt::Debug for BareApi {
+impl std::fmt::Debug for CeilingService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BareApi")
+        f.debug_struct("CeilingService")
             .field("kafka", &self.producer.is_some())
             .finish()
     }
 }
 
-/// The headers of `record` as rdkafka headers.
-pub fn headers(record: &Record) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in &record.headers {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
-    }
-    headers
-}
-
 #[tonic::async_trait]
-impl OrderService for BareApi {
+impl OrderService for CeilingService {
     async fn create_order(
         &self,
         _request: Request<CreateOrderRequest>,
@@ -105,12 +81,12 @@ pub async fn serve(addr: SocketAddr, kafka: Option<KafkaTarget>, nodelay: bool) 
         }
         None => None,
     };
-    let event = raw::sample_event(0);
-    let api = BareApi {
+    let event = sample_event(0);
+    let api = CeilingService {
         calls: AtomicU64::new(0),
         producer,
         // The record order-svc would publish: CloudEvents headers and a traceparent.
-        record: raw::sample_record(0),
+        record: sample_record(0),
         order: event.order.clone().unwrap_or_default(),
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;

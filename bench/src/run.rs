@@ -106,8 +106,8 @@ struct Results {
     broker: String,
 }
 
-const BARE: &str = "ceiling 1: bare tonic";
-const BARE_KAFKA: &str = "ceiling 2: tonic + produce";
+const CEILING1: &str = "ceiling 1: bare tonic";
+const CEILING2: &str = "ceiling 2: tonic + produce";
 const RAW_PRODUCE: &str = "ceiling 3: raw producer";
 const ORDER_SVC: &str = "order-svc CreateOrder";
 
@@ -182,17 +182,18 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
 
     // Ceiling servers, each in its own process like the service.
     let exe = std::env::current_exe()?;
-    let mut bare = Proc::spawn("bare server", bare_command(&s, &exe, None))?;
-    let bare_url = format!(
+    let mut ceiling1 = Proc::spawn("ceiling 1 server", ceiling_command(&s, &exe, None))?;
+    let ceiling1_url = format!(
         "http://{}",
-        bare.wait_for_line("listening on", Duration::from_secs(10)).await?
+        ceiling1.wait_for_line("listening on", Duration::from_secs(10)).await?
     );
-    let mut bare_kafka = Proc::spawn("bare+kafka server", bare_command(&s, &exe, Some((&brokers, &ceiling))))?;
-    let bare_kafka_url = format!(
+    let mut ceiling2 = Proc::spawn(
+        "ceiling 2 server",
+        ceiling_command(&s, &exe, Some((&brokers, &ceiling))),
+    )?;
+    let ceiling2_url = format!(
         "http://{}",
-        bare_kafka
-            .wait_for_line("listening on", Duration::from_secs(10))
-            .await?
+        ceiling2.wait_for_line("listening on", Duration::from_secs(10)).await?
     );
 
     // order-svc.
@@ -382,8 +383,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     };
     for &c in &concurrency {
         let targets = [
-            (BARE, &bare_url, bare.pid()),
-            (BARE_KAFKA, &bare_kafka_url, bare_kafka.pid()),
+            (CEILING1, &ceiling1_url, ceiling1.pid()),
+            (CEILING2, &ceiling2_url, ceiling2.pid()),
             (ORDER_SVC, &order_url, order_pid),
         ];
         let connections = s.connections.min(c).max(1);
@@ -491,9 +492,9 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         r.rates.insert((RAW_PRODUCE, c), row.rate);
         r.rows.push(row);
     }
-    let bare_peaks = (procs::peak_rss_mib(bare.pid()), procs::peak_rss_mib(bare_kafka.pid()));
-    bare.stop(Duration::from_secs(2)).await;
-    bare_kafka.stop(Duration::from_secs(2)).await;
+    let ceiling_peaks = (procs::peak_rss_mib(ceiling1.pid()), procs::peak_rss_mib(ceiling2.pid()));
+    ceiling1.stop(Duration::from_secs(2)).await;
+    ceiling2.stop(Duration::from_secs(2)).await;
 
     // Catch-up: pre-fill, raw drain (ceiling 4), then notify-svc.
     eprintln!("bench: pre-filling {catchup} with {} records", s.catchup_count);
@@ -624,8 +625,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         ("order-svc".into(), order_idle, order_peak),
         ("notify-svc (end-to-end run)".into(), notify_idle, notify_peak),
         ("notify-svc (catch-up run)".into(), None, catchup_peak),
-        ("bare server (ceiling 1)".into(), None, bare_peaks.0),
-        ("bare+kafka server (ceiling 2)".into(), None, bare_peaks.1),
+        ("ceiling 1 server (bare tonic)".into(), None, ceiling_peaks.0),
+        ("ceiling 2 server (tonic + produce)".into(), None, ceiling_peaks.1),
     ];
     if let Some(p) = order_proc {
         p.stop(Duration::from_secs(5)).await;
@@ -744,7 +745,7 @@ fn kafka_version(libs: &std::path::Path) -> Option<String> {
     })
 }
 
-fn bare_command(s: &Settings, exe: &std::path::Path, kafka: Option<(&str, &str)>) -> Command {
+fn ceiling_command(s: &Settings, exe: &std::path::Path, kafka: Option<(&str, &str)>) -> Command {
     let mut command = s.placement.server_command(exe);
     command.args(["serve-ceiling", "--addr", "127.0.0.1:0"]);
     if let Some((brokers, topic)) = kafka {
@@ -856,7 +857,7 @@ fn report(s: &Settings, r: &Results) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|");
     let rate = |what, c| r.rates.get(&(what, c)).copied();
     for c in [64, 256] {
-        let (m, ce) = (rate(ORDER_SVC, c), rate(BARE_KAFKA, c));
+        let (m, ce) = (rate(ORDER_SVC, c), rate(CEILING2, c));
         let ratio = opt_ratio(m, ce);
         let _ = writeln!(
             out,
@@ -868,13 +869,13 @@ fn report(s: &Settings, r: &Results) -> String {
         );
     }
     let p50 = r.p50.get(&(ORDER_SVC, 1)).copied();
-    let p50_ceiling = r.p50.get(&(BARE_KAFKA, 1)).copied();
+    let p50_ceiling = r.p50.get(&(CEILING2, 1)).copied();
     let _ = writeln!(
         out,
         "| CreateOrder p50 at C=1 <= ceiling 2's + 0.05 ms | {} ms | tonic + produce {} ms (bare tonic {} ms) | {} | {} |",
         p50.map_or("-".into(), stats::ms),
         p50_ceiling.map_or("-".into(), stats::ms),
-        r.p50.get(&(BARE, 1)).map_or("-".into(), |v| stats::ms(*v)),
+        r.p50.get(&(CEILING1, 1)).map_or("-".into(), |v| stats::ms(*v)),
         match (p50, p50_ceiling) {
             (Some(a), Some(b)) => format!("{:+.3} ms", a - b),
             _ => "-".into(),

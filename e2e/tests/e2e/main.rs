@@ -9,6 +9,7 @@
 //! `TEST_LOG=1` echoes the services' output.
 
 mod configuration;
+mod dlq;
 mod faults;
 mod flow;
 mod group_faults;

@@ -107,7 +107,11 @@ pub(crate) async fn run(kafka: &KafkaArgs, dlq_topic: &str, args: &RedriveArgs) 
         .map(Position::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let verb = if args.dry_run { "would redrive" } else { "redriven" };
+    let verb = if args.dry_run {
+        "dry run finished: would redrive"
+    } else {
+        "redrive finished: redriven"
+    };
     println!(
         "{verb} {}, not selected {}, without value {}, read {}; position {}",
         tally.redriven,

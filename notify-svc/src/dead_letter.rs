@@ -24,7 +24,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-use crate::consumer::{ERROR_LOG_INTERVAL, Throttled};
+use crate::throttle::{ERROR_LOG_INTERVAL, Throttled};
 
 /// Header names added to a dead-lettered record.
 pub mod header {

@@ -16,3 +16,4 @@ pub mod notifier;
 pub mod processor;
 pub mod retry;
 pub mod startup;
+pub mod throttle;

@@ -1,7 +1,8 @@
 //! What happens to one record: decode, drop a duplicate, notify with retries,
-//! or dead-letter. The caller stores the record's offset only when this
-//! returns [`Outcome::Handled`], so a record is never let go of before it is
-//! either notified or safely on the dead-letter topic.
+//! or dead-letter, in the record's `event` span. The caller stores the
+//! record's offset only when this returns [`RecordRecordOutcome::Handled`] (and
+//! after [`Processor::flush_output`]), so a record is never let go of before
+//! it is either notified or safely on the dead-letter topic.
 
 use std::{
     sync::Arc,
@@ -18,7 +19,7 @@ use crate::{
     dead_letter::{DeadLetters, Failure},
     dedup::Dedup,
     metrics::{Metrics, ReasonLabels},
-    notifier::{self, Notification, Notifier, NotifyError},
+    notifier::{Notification, Notifier, NotifyError},
     retry::RetryPolicy,
 };
 
@@ -33,7 +34,7 @@ const DEAD_LETTER_BACKOFF: RetryPolicy = RetryPolicy {
 
 /// How a record ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum RecordOutcome {
     /// Notified, dropped as a duplicate, or dead-lettered: its offset may be stored.
     Handled,
     /// Stopped before it was handled (shutdown or revoke): its offset must not
@@ -60,12 +61,6 @@ fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
 
 impl Processor {
     /// A processor sending through `notifier`, dead-lettering to `dead_letters`.
-    ///
-    /// With the log sink, a notification line that cannot be written stops
-    /// the process before its offset is stored
-    /// ([`telemetry::exit_when_lines_lost`], see [`notifier::log`]): a
-    /// notification whose line was lost is never let go of, and the next
-    /// start delivers it.
     pub fn new(
         notifier: Notifier,
         dead_letters: DeadLetters,
@@ -74,9 +69,6 @@ impl Processor {
         metrics: Arc<Metrics>,
         max_record_bytes: usize,
     ) -> Self {
-        if matches!(notifier, Notifier::Log) {
-            telemetry::exit_when_lines_lost(notifier::EXIT_OUTPUT_BROKEN);
-        }
         Self {
             notifier,
             dead_letters,
@@ -87,21 +79,29 @@ impl Processor {
         }
     }
 
-    /// Whether the sink's notification is a log line, so a batch of records
-    /// can share one `write(2)` ([`telemetry::LogBatch`]).
-    pub fn notifies_by_log(&self) -> bool {
-        matches!(self.notifier, Notifier::Log)
+    /// Bytes of notifications sent into the log sink's buffer and not yet
+    /// written; `None` for a sink that delivers each one as it is sent.
+    pub fn output_pending(&self) -> Option<usize> {
+        match &self.notifier {
+            Notifier::Log(sink) => Some(sink.pending()),
+            Notifier::Webhook(_) => None,
+        }
+    }
+
+    /// Writes the log sink's pending lines. Until it has returned `Ok`, no
+    /// offset of a record notified through the log sink may be stored.
+    pub fn flush_output(&self) -> std::io::Result<()> {
+        match &self.notifier {
+            Notifier::Log(sink) => sink.flush(),
+            Notifier::Webhook(_) => Ok(()),
+        }
     }
 
     /// Handles `message`. `stop` interrupts waits between attempts (never an
     /// attempt in flight): the record is then left for redelivery.
-    pub async fn process(&self, message: &OwnedMessage, stop: &CancellationToken) -> Outcome {
+    pub async fn process(&self, message: &OwnedMessage, stop: &CancellationToken) -> RecordOutcome {
         let started = Instant::now();
         self.metrics.consumed.inc();
-        if self.log_without_span(message) {
-            self.metrics.handling_seconds.observe(started.elapsed().as_secs_f64());
-            return Outcome::Handled;
-        }
         let span = tracing::info_span!(
             "event",
             topic = %message.topic(),
@@ -137,35 +137,10 @@ impl Processor {
         }
         .instrument(span)
         .await;
-        if outcome == Outcome::Handled {
+        if outcome == RecordOutcome::Handled {
             self.metrics.handling_seconds.observe(started.elapsed().as_secs_f64());
         }
         outcome
-    }
-
-    /// The log sink's success path without the record's `event` span, when
-    /// nothing exports spans: the span's creation, fields and registry entry
-    /// were a tenth of a catch-up's CPU. The line carries the same trace id
-    /// the span would have had. Anything else (another sink, an exporter, a
-    /// record that does not decode, a duplicate) returns `false` having done
-    /// nothing, and takes the spanned path.
-    fn log_without_span(&self, message: &OwnedMessage) -> bool {
-        if !self.notifies_by_log() || telemetry::exporting() {
-            return false;
-        }
-        let decoded = envelope::decode(|name| header(message, name), message.payload(), self.max_record_bytes);
-        let Ok(Event::OrderCreated(event)) = decoded else {
-            return false;
-        };
-        if self.dedup.seen(&event.event_id) {
-            return false;
-        }
-        let trace = telemetry::TraceContext::continue_from(|name| {
-            header(message, name).map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        notifier::log(&Notification::from_event(&event, Some(trace.trace_id())));
-        self.sent(&event);
-        true
     }
 
     /// Counts a sent notification and remembers its event as handled.
@@ -184,11 +159,11 @@ impl Processor {
         event: &orders_contract::v1::OrderCreated,
         span: &tracing::Span,
         stop: &CancellationToken,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         if self.dedup.seen(&event.event_id) {
             self.metrics.duplicates.inc();
             tracing::info!("duplicate delivery of a handled event; skipped");
-            return Outcome::Handled;
+            return RecordOutcome::Handled;
         }
         let notification = Notification::from_event(event, telemetry::trace_id(span));
         let mut attempt = 0;
@@ -197,7 +172,7 @@ impl Processor {
             let error = match self.notifier.send(&notification).await {
                 Ok(()) => {
                     self.sent(event);
-                    return Outcome::Handled;
+                    return RecordOutcome::Handled;
                 }
                 Err(error) => error,
             };
@@ -216,10 +191,9 @@ impl Processor {
                 NotifyError::Transient(reason) => {
                     let delay = self.retry.delay(attempt);
                     tracing::warn!(attempt, ?delay, sink = self.notifier.kind(), error = %reason, "notification failed; will retry");
-                    telemetry::flush_logs();
                     tokio::select! {
                         () = tokio::time::sleep(delay) => continue,
-                        () = stop.cancelled() => return Outcome::Stopped,
+                        () = stop.cancelled() => return RecordOutcome::Stopped,
                     }
                 }
             };
@@ -230,12 +204,9 @@ impl Processor {
 
     /// Publishes to the dead-letter topic, retrying until it is acknowledged
     /// or `stop` fires: the record's offset never moves past an unsaved failure.
-    async fn dead_letter(&self, message: &OwnedMessage, failure: Failure, stop: &CancellationToken) -> Outcome {
+    async fn dead_letter(&self, message: &OwnedMessage, failure: Failure, stop: &CancellationToken) -> RecordOutcome {
         let mut attempt = 0;
         loop {
-            // The publish awaits the broker (up to its deadline in an
-            // outage): no line of an open LogBatch waits through it.
-            telemetry::flush_logs();
             match self.dead_letters.publish(message, &failure).await {
                 Ok(()) => {
                     self.metrics
@@ -250,16 +221,15 @@ impl Processor {
                         dlq = self.dead_letters.topic(),
                         "record dead-lettered"
                     );
-                    return Outcome::Handled;
+                    return RecordOutcome::Handled;
                 }
                 Err(error) => {
                     attempt += 1;
                     let delay = DEAD_LETTER_BACKOFF.delay(attempt);
                     tracing::error!(%error, attempt, ?delay, "cannot publish to the dead-letter topic; holding the offset and retrying");
-                    telemetry::flush_logs();
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = stop.cancelled() => return Outcome::Stopped,
+                        () = stop.cancelled() => return RecordOutcome::Stopped,
                     }
                 }
             }

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    consumer::{Liveness, Pipeline, consumer_defaults},
+    consumer::{ConsumerHealth, Pipeline, consumer_defaults},
     dead_letter::{self, DeadLetters},
     dedup::Dedup,
     error::Error,
     metrics::Metrics,
-    notifier::{Notifier, Webhook},
+    notifier::{LogSink, Notifier, Webhook},
     processor::Processor,
     retry::RetryPolicy,
 };
@@ -30,7 +30,7 @@ pub struct Application {
     pipeline: Pipeline,
     ops_listener: TcpListener,
     registry: Arc<Registry>,
-    liveness: Arc<Liveness>,
+    health: Arc<ConsumerHealth>,
 }
 
 impl Application {
@@ -72,7 +72,7 @@ impl Application {
         }
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let liveness = Arc::new(Liveness::default());
+        let health = Arc::new(ConsumerHealth::default());
 
         let notifier = match &config.notify_webhook_url {
             Some(url) => {
@@ -84,7 +84,7 @@ impl Application {
                 }
                 Notifier::Webhook(Webhook::new(url.clone(), config.notify_webhook_timeout)?)
             }
-            None => Notifier::Log,
+            None => Notifier::Log(LogSink::new(config.log_format)),
         };
         config.kafka.security.validate().map_err(Error::Config)?;
         let dlq_config = config
@@ -113,7 +113,7 @@ impl Application {
             &consumer_config,
             processor,
             metrics,
-            liveness.clone(),
+            health.clone(),
             config.partition_buffer as usize,
             usize::try_from(config.partition_buffer_bytes).unwrap_or(usize::MAX),
         )?;
@@ -155,7 +155,7 @@ impl Application {
             pipeline,
             ops_listener,
             registry: Arc::new(registry),
-            liveness,
+            health,
         })
     }
 
@@ -171,12 +171,12 @@ impl Application {
             pipeline,
             ops_listener,
             registry,
-            liveness,
+            health,
         } = self;
         let stop = CancellationToken::new();
         let readiness: ops::Readiness = {
-            let (liveness, stop) = (liveness.clone(), stop.clone());
-            Arc::new(move || liveness.ready() && !stop.is_cancelled())
+            let (health, stop) = (health.clone(), stop.clone());
+            Arc::new(move || health.ready() && !stop.is_cancelled())
         };
         let ops_stopped = CancellationToken::new();
         let ops_server = tokio::spawn(ops::serve(

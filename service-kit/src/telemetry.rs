@@ -21,25 +21,13 @@
 //!
 //! Log lines go to stdout one `write(2)` each, as soon as they are formatted,
 //! so a line is out of the process before the work it reports goes on. A
-//! [`LogBatch`] lets a hot path trade that for one `write(2)` per batch: while
-//! one is open, lines collect in memory and are written when it closes (or
-//! when [`flush_logs`] is called, or [`MAX_HELD_BYTES`] are waiting). The
-//! caller must not let anything that depends on a line having been written
-//! happen before it closes the batch.
-//!
-//! A line that cannot be written (a closed pipe, a full disk) is lost, and
-//! the output is taken as broken from then on ([`lost_lines`]). A service
-//! whose log lines are its product asks for [`exit_when_lines_lost`]: the next
-//! [`LogBatch`] to close then ends the process instead of returning, so
-//! nothing that depends on its lines having been written happens.
+//! component whose lines are its product and that writes many of them (a log
+//! sink) formats them the same way into a buffer of its own ([`lines_into`])
+//! and writes that buffer when it chooses.
 
 use std::{
     collections::HashMap,
-    io::Write,
-    sync::{
-        Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use opentelemetry::{
@@ -115,146 +103,7 @@ pub fn init(service: &'static str, format: LogFormat) -> Result<Telemetry, Telem
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::builder().parse(spec)?,
         _ => EnvFilter::new("info"),
     };
-    use std::io::IsTerminal;
-    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    install(service, format, filter, ansi, || Stdout)
-}
-
-/// Lines waiting for the open [`LogBatch`]es to close.
-static HELD: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-/// How many [`LogBatch`]es are open.
-static BATCHES: AtomicUsize = AtomicUsize::new(0);
-/// Held lines are written once this many bytes wait, batch or not.
-pub const MAX_HELD_BYTES: usize = 64 * 1024;
-
-/// While alive, log lines (from every task and thread) are held in memory
-/// instead of written one `write(2)` each; dropping it writes them all in one
-/// go. Lines are written in the order they were logged.
-///
-/// For a hot path that logs once per item and acts on the items only after
-/// the batch: notify-svc's log sink writes a batch of notifications, then
-/// stores their offsets, so a notification is never counted as handled while
-/// its line could still be lost with the process. Call [`flush_logs`] before
-/// a wait that may last (a retry's backoff, a publish to the broker), so lines
-/// are not held through it.
-#[derive(Debug)]
-#[must_use = "lines are held only while the batch is alive"]
-pub struct LogBatch(());
-
-impl LogBatch {
-    /// Opens a batch.
-    pub fn open() -> Self {
-        BATCHES.fetch_add(1, Ordering::SeqCst);
-        Self(())
-    }
-}
-
-impl Drop for LogBatch {
-    /// Writes the held lines. With [`exit_when_lines_lost`] set and a line
-    /// lost (in this write or any earlier one), prints why on stderr and ends
-    /// the process instead of returning.
-    fn drop(&mut self) {
-        BATCHES.fetch_sub(1, Ordering::SeqCst);
-        flush_logs();
-        let code = EXIT_ON_LOST.load(Ordering::SeqCst);
-        if code != 0
-            && let Some(error) = lost_lines()
-        {
-            eprintln!(
-                "log output is broken ({error}): log lines were lost; exiting with status {code} \
-                 before anything that depends on them happens"
-            );
-            std::process::exit(code);
-        }
-    }
-}
-
-/// The first failure to write a log line. The output is taken as broken for
-/// good from then on: a closed pipe or stdout does not come back, and a line
-/// lost in between cannot be told from the ones that were written.
-static LOST: OnceLock<String> = OnceLock::new();
-/// The exit status [`LogBatch`] ends the process with when lines were lost;
-/// 0 for none.
-static EXIT_ON_LOST: AtomicI32 = AtomicI32::new(0);
-
-/// Why log lines were lost (the first write error), if any was.
-pub fn lost_lines() -> Option<&'static str> {
-    LOST.get().map(String::as_str)
-}
-
-/// From now on, a [`LogBatch`] that closes after any log line could not be
-/// written ends the process with exit status `code` (not 0) after saying why
-/// on stderr, instead of returning to code that would act as if its lines
-/// were out. For a service whose log lines are what it delivers.
-pub fn exit_when_lines_lost(code: i32) {
-    assert_ne!(code, 0, "a process that lost its output does not exit with success");
-    EXIT_ON_LOST.store(code, Ordering::SeqCst);
-}
-
-/// Records that a line could not be written. Called with [`HELD`] locked, so
-/// a batch closing after this write (whose lines may have been in it) sees it.
-fn lose(error: &std::io::Error) {
-    let _ = LOST.set(error.to_string());
-}
-
-/// Writes the lines held by open [`LogBatch`]es now. A failure is recorded
-/// ([`lost_lines`]).
-pub fn flush_logs() {
-    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-    // Through std's stdout (line-buffered): a buffer of whole lines goes out
-    // in one write(2).
-    if let Err(error) = write_held(&mut held, &mut std::io::stdout().lock()) {
-        lose(&error);
-    }
-}
-
-fn write_held(held: &mut Vec<u8>, out: &mut impl Write) -> std::io::Result<()> {
-    if held.is_empty() {
-        return Ok(());
-    }
-    let written = out.write_all(held);
-    held.clear();
-    if held.capacity() > 4 * MAX_HELD_BYTES {
-        held.shrink_to(MAX_HELD_BYTES);
-    }
-    written
-}
-
-/// One line from the fmt layer: held while a [`LogBatch`] is open and there
-/// is room, else written to `out` after the lines held so far (so lines keep
-/// their order when the last batch closes meanwhile).
-fn hold_or_write(line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
-    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-    if BATCHES.load(Ordering::SeqCst) > 0 && held.len() + line.len() <= MAX_HELD_BYTES {
-        held.extend_from_slice(line);
-        return Ok(());
-    }
-    let written = write_held(&mut held, out).and_then(|()| out.write_all(line));
-    if let Err(error) = &written {
-        lose(error);
-    }
-    written
-}
-
-/// The log writer of [`init`]: stdout, one `write(2)` per line, or held while
-/// a [`LogBatch`] is open.
-#[derive(Debug, Clone, Copy)]
-struct Stdout;
-
-impl Write for Stdout {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    // The fmt layer writes each line with one `write_all`.
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        hold_or_write(buf, &mut std::io::stdout().lock())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    install(service, format, filter, stdout_ansi(), std::io::stdout)
 }
 
 /// For tests: the same layers as [`init`], silent unless `TEST_LOG` is set.
@@ -302,16 +151,7 @@ where
     let provider = builder.build();
     let tracer = provider.tracer(service);
 
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
-    let fmt = match format {
-        LogFormat::Text => fmt.fmt_fields(EscapedFields).boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .boxed(),
-    };
+    let fmt = fmt_layer(format, ansi, writer);
     // Spans reach the trace layer at INFO whatever RUST_LOG says, so trace
     // context keeps flowing when an operator turns logs down.
     // Without busy/idle time and thread attributes: both are work on every
@@ -332,6 +172,43 @@ where
         .try_init()?;
     EXPORTING.store(exporting, Ordering::Relaxed);
     Ok(Telemetry { provider })
+}
+
+/// Whether lines to stdout get colours: on a terminal, unless `NO_COLOR`.
+fn stdout_ansi() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// The layer that formats lines, as `format` says, into `writer`.
+fn fmt_layer<S, W>(format: LogFormat, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    match format {
+        LogFormat::Text => fmt.fmt_fields(EscapedFields).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+}
+
+/// A dispatcher that formats every event it is given as [`init`]'s log lines
+/// look on stdout (`format`, colours on a terminal) and writes it to `writer`
+/// instead, whatever `RUST_LOG` says: for a component whose lines are its
+/// product, emitted inside [`tracing::dispatcher::with_default`], and written
+/// out when it chooses. The lines carry no span: the dispatcher knows only
+/// the events it is given.
+pub fn lines_into<W>(format: LogFormat, writer: W) -> tracing::Dispatch
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing::Dispatch::new(tracing_subscriber::registry().with(fmt_layer(format, stdout_ansi(), writer)))
 }
 
 /// The text format's fields, as tracing-subscriber's default formats them
@@ -593,59 +470,11 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::{io::Write, sync::Mutex};
+
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
     use super::*;
-
-    /// Lines are written at once without a batch; with one, they are held
-    /// until it closes (or the cap is reached), then written in order.
-    #[test]
-    fn log_batch_holds_lines_until_it_closes_and_keeps_their_order() {
-        let mut out = Vec::new();
-        hold_or_write(b"a\n", &mut out).unwrap();
-        assert_eq!(out, b"a\n", "no batch open: written at once");
-
-        let batch = LogBatch::open();
-        hold_or_write(b"b\n", &mut out).unwrap();
-        hold_or_write(b"c\n", &mut out).unwrap();
-        assert_eq!(out, b"a\n", "held while the batch is open");
-        let big = vec![b'x'; MAX_HELD_BYTES];
-        hold_or_write(&big, &mut out).unwrap();
-        assert_eq!(
-            &out[..7],
-            b"a\nb\nc\nx",
-            "over the cap: held lines first, then the line"
-        );
-        assert_eq!(out.len(), 6 + MAX_HELD_BYTES);
-        hold_or_write(b"d\n", &mut out).unwrap();
-        assert_eq!(out.len(), 6 + MAX_HELD_BYTES, "held again after the cap's write");
-        let mut closed = Vec::new();
-        write_held(&mut HELD.lock().unwrap(), &mut closed).unwrap();
-        assert_eq!(closed, b"d\n", "a flush writes what is held");
-        drop(batch);
-        hold_or_write(b"e\n", &mut closed).unwrap();
-        assert_eq!(closed, b"d\ne\n", "no batch open again: written at once");
-    }
-
-    /// A line that cannot be written is reported to the caller and recorded
-    /// for good, so a batch closing later knows lines were lost.
-    #[test]
-    fn a_failed_write_is_recorded() {
-        struct Broken;
-        impl Write for Broken {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                Err(std::io::ErrorKind::BrokenPipe.into())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let error = hold_or_write(b"lost\n", &mut Broken).unwrap_err();
-        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
-        assert!(lost_lines().is_some_and(|e| e.contains("pipe")), "{:?}", lost_lines());
-        hold_or_write(b"written\n", &mut Vec::new()).unwrap();
-        assert!(lost_lines().is_some(), "a later write does not undo the loss");
-    }
 
     /// A text line's fields cannot break the line: control characters in
     /// values (and in the message) are escaped, everything else is as

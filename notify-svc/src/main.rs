@@ -9,16 +9,15 @@ use notify_svc::{
 use service_kit::{ops, shutdown::shutdown_signal, telemetry};
 
 // Every record allocates (librdkafka's message copy, headers, the decoded
-// event, the log line): with glibc's malloc that was ~27% of the catch-up
-// profile (BENCHMARKS.md).
+// event, the log line), and glibc's malloc was a large share of the
+// catch-up's CPU (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 // One thread: the fetch loop hands every record to a partition worker, and
-// across threads each hand-off is a wake-up and a context switch. Measured on
-// a 1,000,000-record catch-up: the same ~76k events/s at 90% of one core
-// instead of 130% (BENCHMARKS.md). Notifications are I/O-bound; librdkafka
-// has its own threads.
+// across threads each hand-off is a wake-up and a context switch that buy no
+// speed (BENCHMARKS.md). Notifications are I/O-bound; librdkafka has its own
+// threads.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

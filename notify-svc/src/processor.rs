@@ -1,6 +1,6 @@
 //! What happens to one record: decode, drop a duplicate, notify with retries,
 //! or dead-letter, in the record's `event` span. The caller stores the
-//! record's offset only when this returns [`RecordRecordOutcome::Handled`] (and
+//! record's offset only when this returns [`RecordOutcome::Handled`] (and
 //! after [`Processor::flush_output`]), so a record is never let go of before
 //! it is either notified or safely on the dead-letter topic.
 

@@ -8,16 +8,15 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` set, the OpenTelemetry layer records spans and
 //! exports them over OTLP. Without it nothing would receive the spans, so a
 //! small propagation-only layer gives each span its trace id and span id (a
-//! child of its parent's) and records nothing: the OpenTelemetry layer cost
-//! ~6 us of CPU per call in order-svc and ~1 us per record in notify-svc's
-//! catch-up (BENCHMARKS.md) for span data that was thrown away.
+//! child of its parent's) and records nothing: the OpenTelemetry layer's
+//! cost per call and per record (BENCHMARKS.md) bought span data that was
+//! thrown away.
 //! [`inject`] and [`continue_trace`] carry a trace across Kafka in the
 //! `traceparent` / `tracestate` record headers, in either mode.
 //!
 //! Even without recording anything, a span costs its creation, enters and
-//! exits, and close in the registry: in order-svc ~5 us of ~49 us of CPU per
-//! call (BENCHMARKS.md). A hot path can ask [`exporting`] and, when nothing
-//! exports spans, carry a [`TraceContext`] instead of a span.
+//! exits, and close in the registry; a hot path can ask [`exporting`] and,
+//! when nothing exports spans, carry a [`TraceContext`] instead of a span.
 //!
 //! Log lines go to stdout one `write(2)` each, as soon as they are formatted,
 //! so a line is out of the process before the work it reports goes on. A

@@ -52,13 +52,10 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// missed.
 ///
 /// Prefetch memory: `queued.max.messages.kbytes` bounds librdkafka's queue
-/// per partition. When it is full librdkafka waits `fetch.queue.backoff.ms`
-/// before fetching that partition again: 1 s by default, longer than a small
-/// queue lasts at 100k records/s, so the consumer starved (8 MiB queues cost
-/// a quarter of the catch-up rate). With a 10 ms backoff 2 MiB queues keep
-/// up: a catch-up of 3 partitions peaks at ~47 MiB RSS (4 MiB: ~61 MiB for
-/// ~3% more speed; 16 MiB with the 1 s backoff: ~108 MiB and slower).
-/// BENCHMARKS.md, tuning (b).
+/// per partition, and when it is full librdkafka waits
+/// `fetch.queue.backoff.ms` (1 s by default) before fetching that partition
+/// again: longer than a small queue lasts during a catch-up, so the short
+/// backoff lets a small queue keep up (BENCHMARKS.md, tuning (b)).
 pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
     vec![
         ("group.id", group_id.to_owned()),

@@ -93,11 +93,8 @@ pub(crate) enum Error {
     )]
     Gone { topic: String, at: Position, low: i64 },
     /// The position is at or past the partition's end.
-    #[error(
-        "dead letter {topic}:{at} does not exist: partition {} ends before offset {high}",
-        at.partition
-    )]
-    NotYet { topic: String, at: Position, high: i64 },
+    #[error("dead letter {topic}:{at} does not exist: partition {} {holds}", at.partition)]
+    NotYet { topic: String, at: Position, holds: String },
     /// The partition is not one of the topic's.
     #[error("partition {partition} does not exist: {topic} has {count} partition(s)")]
     NoPartition { topic: String, partition: i32, count: i32 },
@@ -194,7 +191,7 @@ async fn list(args: &DlqArgs, list: &ListArgs) -> Result<(), Error> {
     if !list.json {
         writeln!(
             out,
-            "{:<10} {:<28} {:<18} {:>3} {:<24} {:<36} {:<36} MESSAGE",
+            "{:<10} {:<28} {:<18} {:>3} {:<30} {:<36} {:<36} MESSAGE",
             "DLQ", "ORIGINAL", "CLASS", "ATT", "FAILED AT", "ORDER ID", "EVENT ID"
         )
         .map_err(io("writing the list"))?;
@@ -221,7 +218,7 @@ async fn list(args: &DlqArgs, list: &ListArgs) -> Result<(), Error> {
             let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             writeln!(
                 out,
-                "{:<10} {:<28} {:<18} {:>3} {:<24} {:<36} {:<36} {}",
+                "{:<10} {:<28} {:<18} {:>3} {:<30} {:<36} {:<36} {}",
                 format!("{}:{}", letter.partition, letter.offset),
                 letter.original(),
                 dash(&letter.error_class),
@@ -265,7 +262,12 @@ async fn show(args: &DlqArgs, at: Position, json: bool) -> Result<(), Error> {
         return Err(Error::Gone { topic, at, low });
     }
     if at.offset >= high {
-        return Err(Error::NotYet { topic, at, high });
+        let holds = if low < high {
+            format!("holds offsets {low} to {}", high - 1)
+        } else {
+            "holds no records".to_owned()
+        };
+        return Err(Error::NotYet { topic, at, holds });
     }
     let mut cursor = dlq.cursor(vec![Range {
         partition: at.partition,

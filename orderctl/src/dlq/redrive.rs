@@ -107,10 +107,11 @@ pub(crate) async fn run(kafka: &KafkaArgs, dlq_topic: &str, args: &RedriveArgs) 
         .map(Position::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let verb = if args.dry_run {
-        "dry run finished: would redrive"
-    } else {
-        "redrive finished: redriven"
+    let verb = match (args.dry_run, result.is_ok()) {
+        (true, true) => "dry run finished: would redrive",
+        (true, false) => "dry run stopped: would redrive",
+        (false, true) => "redrive finished: redriven",
+        (false, false) => "redrive stopped: redriven",
     };
     println!(
         "{verb} {}, not selected {}, without value {}, read {}; position {}",
@@ -120,18 +121,30 @@ pub(crate) async fn run(kafka: &KafkaArgs, dlq_topic: &str, args: &RedriveArgs) 
         tally.read,
         if positions.is_empty() { "-" } else { &positions }
     );
-    tracing::info!(
-        redriven = tally.redriven,
-        not_selected = tally.not_selected,
-        without_value = tally.without_value,
-        read = tally.read,
-        dry_run = args.dry_run,
-        ok = result.is_ok(),
-        elapsed = ?started.elapsed(),
-        "redrive finished"
-    );
+    let elapsed = started.elapsed();
+    match &result {
+        Ok(()) => tracing::info!(
+            redriven = tally.redriven,
+            not_selected = tally.not_selected,
+            without_value = tally.without_value,
+            read = tally.read,
+            dry_run = args.dry_run,
+            ?elapsed,
+            "redrive finished"
+        ),
+        Err(error) => tracing::warn!(
+            redriven = tally.redriven,
+            not_selected = tally.not_selected,
+            without_value = tally.without_value,
+            read = tally.read,
+            dry_run = args.dry_run,
+            ?elapsed,
+            %error,
+            "redrive stopped"
+        ),
+    }
     if let Some(path) = &args.metrics_file {
-        write_metrics(path, dlq_topic, &tally, result.is_ok(), started.elapsed(), args.dry_run)?;
+        write_metrics(path, dlq_topic, &tally, result.is_ok(), elapsed, args.dry_run)?;
     }
     result
 }

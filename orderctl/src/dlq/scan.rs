@@ -7,10 +7,11 @@
 use std::{collections::VecDeque, time::Duration};
 
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
     message::OwnedMessage,
+    types::RDKafkaErrorCode,
 };
 use service_kit::kafka::{KafkaArgs, Role, check_topic};
 
@@ -19,9 +20,28 @@ use super::{Error, filter::Position};
 /// How long a read may wait for the next record it knows exists.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The consumer's callbacks: the end of a partition is how a read knows it
+/// is done (`enable.partition.eof`), not an error worth a log line; other
+/// client errors are logged as warnings.
+#[derive(Debug)]
+pub(crate) struct ReaderCtx;
+
+impl ClientContext for ReaderCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::warn!(%error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderCtx {}
+
 /// The dead-letter topic, open for reading.
 pub(crate) struct Dlq {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ReaderCtx>,
     topic: String,
     partitions: i32,
     timeout: Duration,
@@ -48,7 +68,7 @@ impl Dlq {
     /// Opens `topic` with a consumer in `group` (which only `commit` uses),
     /// checking that the broker answers and the topic exists.
     pub(crate) async fn open(kafka: &KafkaArgs, topic: &str, group: &str) -> Result<Self, Error> {
-        let consumer: StreamConsumer = kafka
+        let consumer: StreamConsumer<ReaderCtx> = kafka
             .client_config(
                 Role::Consumer,
                 [
@@ -65,7 +85,7 @@ impl Dlq {
                     ("fetch.wait.max.ms", "50"),
                 ],
             )
-            .create()?;
+            .create_with_context(ReaderCtx)?;
         let timeout = kafka.startup_timeout;
         let partitions = blocking(|| check_topic(consumer.client(), &kafka.brokers, topic, timeout))?;
         Ok(Self {

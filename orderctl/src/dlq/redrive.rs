@@ -159,7 +159,15 @@ async fn redrive(
     let dlq = Dlq::open(kafka, dlq_topic, &args.group).await?;
     let selection = filter.to_string();
     let committed = if args.restart { Vec::new() } else { dlq.committed()? };
-    for (_, offset, saved) in &committed {
+    for (partition, offset, saved) in &committed {
+        if offset.is_some() && saved.is_empty() {
+            // Apache Kafka keeps a commit's metadata; some brokers (Tansu
+            // 0.6) drop it, and then the selection cannot be checked.
+            tracing::warn!(
+                partition,
+                "the saved position carries no selection (the broker keeps no commit metadata, or another tool committed it); resuming it for this run's selection"
+            );
+        }
         if offset.is_some() && !saved.is_empty() && *saved != selection {
             return Err(Error::OtherSelection {
                 group: args.group.clone(),

@@ -15,7 +15,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // Default stubs: a server method nobody implemented answers UNIMPLEMENTED,
+    // so adding an RPC to the contract (a compatible change) does not break
+    // the servers that implement the service for other purposes (the
+    // benchmark's ceilings), as grpc-go's embedded Unimplemented server does.
     tonic_prost_build::configure()
+        .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("orders_descriptor.bin"))
         .compile_with_config(config, &protos.map(PathBuf::from), &includes)?;
     println!("cargo:rerun-if-changed=proto");

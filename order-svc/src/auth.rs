@@ -1,11 +1,13 @@
-//! Who may create orders: bearer JWTs checked on `CreateOrder`.
+//! Who may create and read orders: bearer JWTs checked on every
+//! `OrderService` call.
 //!
 //! Off unless `AUTH_JWT_SECRET` (HS256) or `AUTH_JWT_PUBLIC_KEY` (RS256 or
 //! ES256) is set. Then a call needs `authorization: Bearer <JWT>` whose
 //! signature, `exp` and `nbf` (and `iss` / `aud` when configured) check out,
 //! else UNAUTHENTICATED; and the token's `sub` must be the order's `user_id`
-//! unless it carries the admin scope, else PERMISSION_DENIED. Health and
-//! reflection stay open.
+//! unless it carries the admin scope, else PERMISSION_DENIED (CreateOrder,
+//! ListOrders) or NOT_FOUND (GetOrder of another user's order, so an order id
+//! does not reveal that the order exists). Health and reflection stay open.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -49,6 +51,13 @@ impl Principal {
                 self.subject
             )))
         }
+    }
+}
+
+impl Principal {
+    /// May this caller read `user_id`'s orders?
+    pub fn may_read(&self, user_id: &str) -> bool {
+        self.admin || self.subject == user_id
     }
 }
 

@@ -4,10 +4,15 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
-use service_kit::{kafka::KafkaArgs, secret::Secret, telemetry::LogFormat};
+use service_kit::{
+    kafka::KafkaArgs,
+    secret::{Quiet, Secret},
+    telemetry::LogFormat,
+};
 
-/// The order API: validates orders and publishes an OrderCreated event to Kafka
-/// for each one, answering only once the broker has acknowledged it.
+/// The order API: validates orders, commits each with its OrderCreated event to
+/// the order store, publishes the events to Kafka (a transactional outbox), and
+/// reads orders back.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "order-svc", version)]
 pub struct Config {
@@ -22,8 +27,30 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
-    /// Longest wait for the broker to acknowledge an event before CreateOrder
-    /// answers UNAVAILABLE (for example "5s", "800ms"); at most 10s.
+    /// The order store: `sqlite://<path>` (one file, created when missing,
+    /// for one instance) or `postgres://user:password@host/db` (for several
+    /// instances). Schema migrations are applied at start.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://orders.db", hide_env_values = true, value_parser = Quiet::<Secret>::new())]
+    pub database_url: Secret,
+
+    /// Most connections to the order store (SQLite uses at most 8).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_max_connections: u32,
+
+    /// How long a (user_id, request_id) key names its order: a retry within
+    /// it gets the first call's order back, another payload is refused.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
+
+    /// How long outbox rows stay in the store after the broker acknowledged
+    /// them (for inspection), before they are deleted.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// Longest one attempt to publish an event may take (librdkafka's
+    /// message.timeout.ms) before the event is tried again from the outbox
+    /// (for example "5s", "800ms"); at most 10s. CreateOrder does not wait
+    /// for it: its answer follows the store's commit.
     #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_publish_timeout)]
     pub publish_timeout: Duration,
 
@@ -34,18 +61,6 @@ pub struct Config {
     /// CloudEvents `ce_source` of published events.
     #[arg(long, env = "CE_SOURCE", default_value = "/order-svc")]
     pub ce_source: String,
-
-    /// How many (user_id, request_id) answers each instance remembers, to
-    /// answer retries identically and refuse a reused key with another payload.
-    #[arg(long, env = "IDEMPOTENCY_CACHE_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub idempotency_cache_size: u64,
-
-    /// Most bytes the remembered answers take, keys included (an answer is
-    /// its key, a fingerprint of the payload, the order id and the creation
-    /// time, about 200 bytes plus the key; never the order's items). The
-    /// least recently used answers are forgotten first.
-    #[arg(long, env = "IDEMPOTENCY_CACHE_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..))]
-    pub idempotency_cache_bytes: u64,
 
     /// Most CreateOrder calls handled at once; more are refused with
     /// RESOURCE_EXHAUSTED instead of queueing without bound.
@@ -76,7 +91,7 @@ pub struct Config {
     #[arg(long, env = "GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
     pub grpc_tls_client_ca: Option<PathBuf>,
 
-    /// HS256 secret: when set, CreateOrder requires `authorization: Bearer <JWT>`
+    /// HS256 secret: when set, every OrderService call requires `authorization: Bearer <JWT>`
     /// signed with it.
     #[arg(
         long,
@@ -86,7 +101,7 @@ pub struct Config {
     )]
     pub auth_jwt_secret: Option<Secret>,
 
-    /// Public key (PEM file, RSA or EC P-256): when set, CreateOrder requires
+    /// Public key (PEM file, RSA or EC P-256): when set, every OrderService call requires
     /// `authorization: Bearer <JWT>` signed RS256 or ES256 by its private key.
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
     pub auth_jwt_public_key: Option<PathBuf>,
@@ -99,9 +114,9 @@ pub struct Config {
     #[arg(long, env = "AUTH_JWT_AUDIENCE")]
     pub auth_jwt_audience: Option<String>,
 
-    /// Scope that lets a token create orders for any user (in its `scope`
-    /// claim, space-separated, or its `scp` list); other tokens may create
-    /// orders only for the user named by their `sub`.
+    /// Scope that lets a token create and read orders of any user (in its
+    /// `scope` claim, space-separated, or its `scp` list); other tokens may
+    /// create and read orders only of the user named by their `sub`.
     #[arg(long, env = "AUTH_ADMIN_SCOPE", default_value = "orders:admin")]
     pub auth_admin_scope: String,
 
@@ -130,9 +145,14 @@ fn parse_publish_timeout(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
-    /// The defaults, with `brokers` and `topic` set: a starting point for tests.
+    /// The defaults, with `brokers` and `topic` set and a fresh SQLite file
+    /// in the temporary directory: a starting point for tests.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
         let mut config = Config::parse_from(["order-svc"]);
+        let file = std::env::temp_dir().join(format!("order-svc-test-{}.db", uuid::Uuid::now_v7()));
+        config.database_url = format!("sqlite://{}", file.display())
+            .parse()
+            .unwrap_or_else(|e: std::convert::Infallible| match e {});
         config.grpc_addr = ([127, 0, 0, 1], 0).into();
         config.metrics_addr = ([127, 0, 0, 1], 0).into();
         config.kafka.brokers = brokers.to_owned();

@@ -14,9 +14,44 @@ pub enum Error {
     /// The idempotency key was used before with a different payload.
     #[error("request_id {0:?} was already used by this user for a different order")]
     IdempotencyConflict(String),
-    /// The broker did not acknowledge the event in time, or refused it.
-    #[error("the order was not accepted: {0}")]
+    /// The broker did not acknowledge an event in time, or refused it.
+    #[error("the event was not published: {0}")]
     Publish(#[from] crate::publisher::PublishError),
+    /// The store did not answer or failed a statement; nothing of the call
+    /// was committed unless it says so (retry with the same request_id).
+    #[error("the order store is unavailable: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The store could not be reached at start-up.
+    #[error("cannot open the order store (DATABASE_URL): {0}")]
+    StoreConnect(String),
+    /// The store's schema is newer than this binary knows.
+    #[error(
+        "the order store has schema version {found}, newer than the {known} this order-svc knows: \
+         run a newer order-svc (a database is never migrated backwards)"
+    )]
+    StoreTooNew {
+        /// The version found in the database.
+        found: i64,
+        /// The newest version this binary has.
+        known: i64,
+    },
+    /// A migration failed.
+    #[error("cannot migrate the order store: {0}")]
+    Migrate(String),
+    /// The store holds something this binary cannot read.
+    #[error("the order store holds unreadable data: {0}")]
+    Corrupt(String),
+    /// No such order (or not one the caller may read).
+    #[error("order {0:?} not found")]
+    NotFound(String),
+    /// A read request's field is invalid.
+    #[error("invalid {field}: {description}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        description: String,
+    },
     /// No valid bearer token.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
@@ -77,10 +112,21 @@ impl From<Error> for Status {
                 crate::publisher::Kind::Unavailable => Status::unavailable(message),
                 crate::publisher::Kind::Rejected => Status::internal(message),
             },
+            Error::InvalidField { field, description } => {
+                let mut details = ErrorDetails::new();
+                details.add_bad_request_violation(field, description);
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::NotFound(_) => Status::not_found(message),
+            Error::Store(_) => Status::unavailable(message),
             Error::Overloaded(_) => Status::resource_exhausted(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Config(_)
+            | Error::StoreConnect(_)
+            | Error::StoreTooNew { .. }
+            | Error::Migrate(_)
+            | Error::Corrupt(_)
             | Error::KafkaCheck(_)
             | Error::KafkaClient(_)
             | Error::Io { .. }

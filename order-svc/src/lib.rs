@@ -8,7 +8,10 @@ pub mod domain;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;
+pub mod outbox;
+pub mod pagination;
 #[allow(unsafe_code)]
 pub mod producer;
 pub mod publisher;
 pub mod startup;
+pub mod store;

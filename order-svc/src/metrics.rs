@@ -18,7 +18,7 @@ use std::{
 use http_body::{Body, Frame};
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use prost::Message as _;
@@ -55,8 +55,12 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 /// Every metric order-svc exports.
 #[derive(Debug)]
 pub struct Metrics {
-    /// `orders_created_total`: orders acknowledged by the broker.
+    /// `orders_created_total`: orders committed to the store.
     pub orders_created: Counter,
+    /// `outbox_pending`: committed events the broker has not acknowledged.
+    pub outbox_pending: Gauge,
+    /// `outbox_oldest_age_seconds`: how long the oldest of them has waited.
+    pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `grpc_server_handled_total`.
     pub handled: Family<HandledLabels, Counter>,
     /// `grpc_server_handling_seconds`.
@@ -169,6 +173,8 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self {
             orders_created: Counter::default(),
+            outbox_pending: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
             handled: Family::default(),
             handling_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             produce_seconds: Histogram::new(latency_buckets()),
@@ -184,8 +190,18 @@ impl Metrics {
         // prometheus-client appends `_total` to counters.
         registry.register(
             "orders_created",
-            "Orders created and acknowledged by Kafka",
+            "Orders created (committed to the store with their event)",
             metrics.orders_created.clone(),
+        );
+        registry.register(
+            "outbox_pending",
+            "Committed events the broker has not acknowledged yet",
+            metrics.outbox_pending.clone(),
+        );
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest committed event the broker has not acknowledged (0 when none)",
+            metrics.outbox_oldest_age_seconds.clone(),
         );
         registry.register(
             "grpc_server_handled",

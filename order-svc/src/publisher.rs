@@ -1,30 +1,29 @@
-//! Publishes event records to Kafka and waits for the broker's acknowledgement.
+//! Publishes outbox records to Kafka and reports the broker's answer.
 //!
 //! The producer is idempotent with `acks=all`, so an acknowledged record is on
-//! every in-sync replica exactly once. Every publish has a deadline
-//! (`PUBLISH_TIMEOUT`): past it the caller gets [`Kind::Unavailable`] while
-//! the record stays queued, so a timed-out call may still be published (a
-//! retry with the same `request_id` is safe: same order, same event id).
-//! Timeouts and broker outages are the idempotent producer's own business
-//! (it retries, and bumps its epoch after a timed-out record). What it cannot
-//! recover from is its *fatal* state (for example a sequence gap the broker
-//! refuses): every send then fails at once. So a fatal producer *generation*
-//! is replaced by a fresh one, with a new producer id; the old one is dropped
-//! (its queue purged) once the last call using it has returned.
+//! every in-sync replica exactly once per send. Every record is answered
+//! within `PUBLISH_TIMEOUT` (librdkafka's `message.timeout.ms`); a record
+//! that was not acknowledged stays in the outbox and is sent again (same
+//! bytes, same event id). Broker outages are the idempotent producer's own
+//! business (it retries, and bumps its epoch after a timed-out record). What
+//! it cannot recover from is its *fatal* state (for example a sequence gap the
+//! broker refuses): every send then fails at once. So a fatal producer
+//! *generation* is replaced by a fresh one, with a new producer id; the old
+//! one is dropped (its queue purged) once the last send using it is answered.
 
 use std::{
+    future::Future,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use orders_contract::envelope::Record;
 use rdkafka::{
     ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
 };
 
-use crate::{metrics::Metrics, producer::AckProducer};
+use crate::{metrics::Metrics, producer::AckProducer, store::OutboxRecord};
 
 /// Producer defaults; `KAFKA_OPTIONS` overrides any of them.
 ///
@@ -44,14 +43,14 @@ use crate::{metrics::Metrics, producer::AckProducer};
 ///   concurrent calls (two partitions' batches overlap their round trips)
 ///   with the same single-call latency, and 3 was slower again (3 partitions,
 ///   BENCHMARKS.md). Ordering and idempotence are unchanged.
-/// - `message.timeout.ms` well above `PUBLISH_TIMEOUT`: the service's own
-///   deadline answers callers; librdkafka's must not fire first (see module docs).
+/// - `message.timeout.ms` = `PUBLISH_TIMEOUT`: every record gets its answer
+///   within it (acknowledged or failed); a failed one stays in the outbox and
+///   is sent again, so librdkafka need not hold it through a long outage.
 /// - `queue.buffering.max.messages` = `MAX_CONCURRENT_CALLS`: a call that times
 ///   out or that its client abandons leaves its record queued, so the bound on
 ///   calls in flight would not bound the queue during an outage; with this
 ///   one it does, and a call that finds the queue full is shed.
 pub fn producer_defaults(publish_timeout: Duration, max_concurrent_calls: u64) -> Vec<(&'static str, String)> {
-    let message_timeout = (publish_timeout * 6).max(Duration::from_secs(30));
     vec![
         ("acks", "all".into()),
         ("queue.buffering.max.messages", max_concurrent_calls.to_string()),
@@ -59,7 +58,7 @@ pub fn producer_defaults(publish_timeout: Duration, max_concurrent_calls: u64) -
         ("linger.ms", "0".into()),
         ("max.in.flight.requests.per.connection", "2".into()),
         ("socket.nagle.disable", "true".into()),
-        ("message.timeout.ms", message_timeout.as_millis().to_string()),
+        ("message.timeout.ms", publish_timeout.as_millis().to_string()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),
     ]
@@ -218,54 +217,56 @@ impl Publisher {
         }
     }
 
-    /// Sends `record` with the extra `headers` and waits for the broker's
-    /// acknowledgement, at most the deadline.
-    pub async fn publish(&self, record: &Record, extra_headers: &[(&str, String)]) -> Result<(), PublishError> {
-        let started = Instant::now();
-        let result = self.try_publish(record, extra_headers).await;
-        self.metrics.produce_seconds.observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
-            self.metrics.produce_errors.inc();
-        }
-        result
-    }
-
-    async fn try_publish(&self, record: &Record, extra_headers: &[(&str, String)]) -> Result<(), PublishError> {
+    /// Hands an outbox record to the producer and returns the broker's
+    /// answer to come, without a deadline of its own: librdkafka answers
+    /// every record, at the latest when `message.timeout.ms`
+    /// (`PUBLISH_TIMEOUT`) has passed. The answer is counted in
+    /// `kafka_produce_seconds` / `kafka_produce_errors_total`.
+    pub fn send(
+        self: &Arc<Self>,
+        record: &OutboxRecord,
+    ) -> Result<impl Future<Output = Result<(), PublishError>> + use<>, PublishError> {
         let generation = self.current();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + extra_headers.len());
-        for (key, value) in record
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v.as_ref()))
-            .chain(extra_headers.iter().map(|(k, v)| (*k, v.as_str())))
-        {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
             });
         }
-        let delivery = match generation
+        let started = Instant::now();
+        let ack = match generation
             .producer()
             .send(&self.topic, &record.key, &record.value, headers)
         {
-            Ok(delivery) => delivery,
+            Ok(ack) => ack,
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                self.metrics.produce_errors.inc();
                 return Err(PublishError::QueueFull);
             }
             Err(error) => {
+                self.metrics.produce_errors.inc();
                 self.replace_if_fatal(&generation);
                 return Err(PublishError::Kafka(error));
             }
         };
-        match tokio::time::timeout(self.deadline, delivery).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(KafkaError::Canceled)) => Err(PublishError::Canceled),
-            Ok(Err(error)) => {
-                self.replace_if_fatal(&generation);
-                Err(PublishError::Kafka(error))
+        let metrics = self.metrics.clone();
+        let this = self.clone();
+        Ok(async move {
+            let result = ack.await;
+            metrics.produce_seconds.observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    metrics.produce_errors.inc();
+                    this.replace_if_fatal(&generation);
+                    Err(match error {
+                        KafkaError::Canceled => PublishError::Canceled,
+                        other => PublishError::Kafka(other),
+                    })
+                }
             }
-            Err(_elapsed) => Err(PublishError::Timeout(self.deadline)),
-        }
+        })
     }
 
     /// Waits up to `timeout` for queued records to be delivered.

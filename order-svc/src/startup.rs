@@ -1,13 +1,13 @@
-//! Wiring: [`Application::build`] checks the broker, creates the producer and
-//! binds both listeners (so the real ports are known before serving);
-//! [`Application::run_until_stopped`] serves until the injected shutdown
-//! future resolves, then shuts down in one order: health NOT_SERVING, stop
-//! accepting, drain in-flight calls, flush the producer.
+//! Wiring: [`Application::build`] opens (and migrates) the order store, checks
+//! the broker, creates the producer and binds both listeners (so the real
+//! ports are known before serving); [`Application::run_until_stopped`] serves
+//! and publishes the outbox until the injected shutdown future resolves, then
+//! shuts down in one order: health NOT_SERVING, stop accepting, drain
+//! in-flight calls, flush the producer, record the last acknowledgements.
 
 use std::{
     future::Future,
     net::SocketAddr,
-    num::NonZeroUsize,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,12 +28,13 @@ use crate::{
     auth::Authenticator,
     config::Config,
     error::Error,
-    idempotency::Answers,
     metrics::{GrpcMetricsLayer, Metrics},
+    outbox::Outbox,
     publisher::{Publisher, producer_defaults},
+    store::{Backend, Store},
 };
 
-/// How often the broker connection is checked for health and readiness.
+/// How often the store is checked for health and readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one health check may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -47,6 +48,7 @@ pub struct Application {
     grpc_listener: TcpListener,
     ops_listener: TcpListener,
     publisher: Arc<Publisher>,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     tls: Option<ServerTlsConfig>,
@@ -59,8 +61,9 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Application {
-    /// Checks that the broker answers and the topic exists, creates the
-    /// producer, and binds the gRPC and operations listeners.
+    /// Opens and migrates the order store, checks that the broker answers
+    /// and the topic exists, creates the producer, and binds the gRPC and
+    /// operations listeners.
     pub async fn build(config: Config) -> Result<Self, Error> {
         if config.kafka.topic.trim().is_empty() {
             return Err(Error::Config("ORDERS_TOPIC must not be empty".into()));
@@ -69,8 +72,11 @@ impl Application {
             return Err(Error::Config("CE_SOURCE must not be empty".into()));
         }
         config.kafka.security.validate().map_err(Error::Config)?;
+        let backend = Backend::of(config.database_url.expose())?;
         let tls = tls_config(&config)?;
         let auth = Authenticator::from_config(&config)?;
+        let store = Arc::new(Store::connect(&config.database_url, config.database_max_connections).await?);
+        tracing::info!(store = ?backend, schema_version = store.schema_version(), "order store ready");
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let defaults = producer_defaults(config.publish_timeout, config.max_concurrent_calls);
@@ -105,6 +111,7 @@ impl Application {
             grpc_listener,
             ops_listener,
             publisher,
+            store,
             metrics,
             registry: Arc::new(registry),
             tls,
@@ -119,7 +126,12 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    /// The publisher CreateOrder uses.
+    /// The order store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The publisher the outbox uses.
     pub fn publisher(&self) -> &Publisher {
         &self.publisher
     }
@@ -136,6 +148,7 @@ impl Application {
             grpc_listener,
             ops_listener,
             publisher,
+            store,
             metrics,
             registry,
             tls,
@@ -146,11 +159,26 @@ impl Application {
         set_health(&reporter, ServingStatus::Serving).await;
 
         let stop = CancellationToken::new();
-        let monitor = tokio::spawn(monitor_broker(
-            publisher.clone(),
-            config.clone(),
+        let monitor = tokio::spawn(monitor_store(
+            store.clone(),
             reporter.clone(),
             ready.clone(),
+            stop.clone(),
+        ));
+        let outbox = Arc::new(Outbox::new(
+            store.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            config.publish_timeout,
+        ));
+        // The relay and housekeeping stop with the server; the marker only
+        // after the producer's flush, to record the last acknowledgements.
+        let stop_marker = CancellationToken::new();
+        let relay = tokio::spawn(outbox.clone().run_relay(stop.clone()));
+        let marker = tokio::spawn(outbox.clone().run_marker(stop_marker.clone()));
+        let housekeeping = tokio::spawn(outbox.clone().run_housekeeping(
+            config.outbox_retention,
+            config.idempotency_retention,
             stop.clone(),
         ));
         let readiness: ops::Readiness = {
@@ -175,13 +203,11 @@ impl Application {
             .map_err(|e| Error::Config(format!("reflection: {e}")))?;
         let max_in_flight = usize::try_from(config.max_concurrent_calls).unwrap_or(usize::MAX);
         let api = OrderApi::new(
-            publisher.clone(),
-            Answers::new(
-                NonZeroUsize::new(config.idempotency_cache_size as usize).unwrap_or(NonZeroUsize::MIN),
-                usize::try_from(config.idempotency_cache_bytes).unwrap_or(usize::MAX),
-            ),
+            store.clone(),
+            outbox.clone(),
             metrics.clone(),
             config.ce_source.clone(),
+            config.idempotency_retention,
             max_in_flight,
         )
         .with_auth(auth);
@@ -231,11 +257,20 @@ impl Application {
         };
         stop.cancel();
 
+        let _ = relay.await;
         match publisher.flush(grace).await {
             Ok(()) => tracing::info!("producer flushed"),
-            Err(error) => tracing::warn!(%error, "producer flush incomplete"),
+            Err(error) => {
+                tracing::warn!(%error, "producer flush incomplete; the outbox sends the rest after a restart")
+            }
         }
+        // Let the acknowledgements of the flush reach the marker.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_marker.cancel();
+        let _ = marker.await;
+        let _ = housekeeping.await;
         let _ = monitor.await;
+        store.close().await;
         if let Ok(Err(error)) = ops_server.await {
             tracing::warn!(%error, "operations server failed");
         }
@@ -273,35 +308,27 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status(SERVICE_NAME, status).await;
 }
 
-/// Keeps health and readiness in step with the broker: SERVING while a
-/// metadata request for the topic succeeds, NOT_SERVING when it fails.
-async fn monitor_broker(
-    publisher: Arc<Publisher>,
-    config: Config,
-    reporter: HealthReporter,
-    ready: Arc<AtomicBool>,
-    stop: CancellationToken,
-) {
+/// Keeps health and readiness in step with the store: SERVING while it
+/// answers, NOT_SERVING when it does not. The broker's absence does not make
+/// the service unready (orders wait in the outbox); it shows in
+/// `outbox_pending`, `outbox_oldest_age_seconds` and the log.
+async fn monitor_store(store: Arc<Store>, reporter: HealthReporter, ready: Arc<AtomicBool>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
-        let producer = publisher.producer();
-        let (brokers, topic) = (config.kafka.brokers.clone(), config.kafka.topic.clone());
-        let check = tokio::task::spawn_blocking(move || {
-            kafka::check_topic(producer.client(), &brokers, &topic, HEALTH_TIMEOUT)
-        })
-        .await;
-        let healthy = matches!(check, Ok(Ok(_)));
+        let check = tokio::time::timeout(HEALTH_TIMEOUT, store.ping()).await;
         if stop.is_cancelled() {
             return;
         }
+        let healthy = matches!(check, Ok(Ok(())));
         let was = ready.swap(healthy, Ordering::Relaxed);
         if was != healthy {
             match check {
-                Ok(Err(error)) => tracing::warn!(%error, "Kafka unreachable: NOT_SERVING"),
-                _ => tracing::info!("Kafka reachable again: SERVING"),
+                Ok(Err(error)) => tracing::warn!(%error, "order store unreachable: NOT_SERVING"),
+                Err(_) => tracing::warn!("order store did not answer within {HEALTH_TIMEOUT:?}: NOT_SERVING"),
+                Ok(Ok(())) => tracing::info!("order store reachable again: SERVING"),
             }
             let status = if healthy {
                 ServingStatus::Serving

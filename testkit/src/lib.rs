@@ -2,11 +2,14 @@
 //! (Apache Kafka, or Tansu with `TEST_BROKER=tansu`; [`Broker`]), topics,
 //! unique names, polling with a deadline ([`eventually`]), reading and
 //! writing raw records, and the real binaries as child processes
-//! ([`Service`]). Nothing here mocks Kafka.
+//! ([`Service`]); a real PostgreSQL ([`Postgres`]). Nothing here mocks Kafka
+//! or the database.
 
 mod broker;
+mod postgres;
 
 pub use broker::{Broker, BrokerKind, Security, header, kafka_libs, tansu_bin};
+pub use postgres::{Postgres, postgres_bin};
 
 use std::{
     io::{BufRead, BufReader},

@@ -71,6 +71,14 @@ impl OrderSvc {
             ("KAFKA_BROKERS", brokers.to_owned()),
             ("ORDERS_TOPIC", topic.to_owned()),
             ("KAFKA_OPTIONS", BrokerKind::from_env().client_options().to_owned()),
+            // One store per topic: a restart on the same topic finds its orders.
+            (
+                "DATABASE_URL",
+                format!(
+                    "sqlite://{}",
+                    std::env::temp_dir().join(format!("{topic}.db")).display()
+                ),
+            ),
         ];
         env.extend(extra.iter().cloned());
         let service = Service::spawn("order-svc", &env).expect("order-svc starts");

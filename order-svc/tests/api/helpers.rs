@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use order_svc::{config::Config, error::Error, startup::Application};
 use orders_contract::v1::{CreateOrderRequest, order_service_client::OrderServiceClient};
+use service_kit::secret::Secret;
 use testkit::{Broker, unique};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -15,6 +16,8 @@ pub(crate) struct TestApp {
     pub(crate) topic: String,
     pub(crate) grpc_addr: SocketAddr,
     pub(crate) ops_addr: SocketAddr,
+    /// The store it uses (a fresh SQLite file unless the test chose one).
+    pub(crate) database_url: Secret,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), Error>>>,
 }
@@ -52,13 +55,42 @@ pub(crate) async fn spawn_app_on(
     let mut config = Config::for_tests(&broker.addr(), &topic);
     config.kafka.options = broker.client_options().parse().unwrap();
     config.publish_timeout = Duration::from_secs(3);
+    if let Some(url) = test_database_url().await {
+        config.database_url = url;
+    }
     customize(&mut config);
+    let database_url = config.database_url.clone();
     let app = Application::build(config).await?;
-    Ok(run(app, broker, topic))
+    Ok(run(app, broker, topic, database_url))
+}
+
+/// With `TEST_DATABASE=postgres`, a fresh database on the PostgreSQL the
+/// tests share; otherwise None (each app gets a fresh SQLite file).
+pub(crate) async fn test_database_url() -> Option<Secret> {
+    match std::env::var("TEST_DATABASE").as_deref() {
+        Ok("postgres") => Some(
+            testkit::Postgres::shared()
+                .await
+                .expect("PostgreSQL starts")
+                .create_database("orders")
+                .await
+                .expect("a database")
+                .parse()
+                .unwrap(),
+        ),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("TEST_DATABASE={other}: use sqlite or postgres"),
+    }
+}
+
+/// A fresh SQLite file's URL, for tests of SQLite itself.
+pub(crate) fn sqlite_url() -> Secret {
+    let file = std::env::temp_dir().join(format!("order-svc-test-{}.db", uuid::Uuid::now_v7()));
+    format!("sqlite://{}", file.display()).parse().unwrap()
 }
 
 /// Runs a built `app` until the test stops it.
-pub(crate) fn run(app: Application, broker: Broker, topic: String) -> TestApp {
+pub(crate) fn run(app: Application, broker: Broker, topic: String, database_url: Secret) -> TestApp {
     let (grpc_addr, ops_addr) = (app.grpc_addr(), app.ops_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -69,6 +101,7 @@ pub(crate) fn run(app: Application, broker: Broker, topic: String) -> TestApp {
         topic,
         grpc_addr,
         ops_addr,
+        database_url,
         shutdown: Some(tx),
         handle: Some(handle),
     }
@@ -137,4 +170,20 @@ pub(crate) async fn create(
         .into_inner()
         .order
         .expect("an order")
+}
+
+/// Takes SQLite's write lock on `app`'s store from another connection and
+/// holds it until the returned connection is dropped (the transaction rolls
+/// back): every write of order-svc then waits, and fails after the busy
+/// timeout, as when the store cannot take writes.
+pub(crate) async fn hold_sqlite_write_lock(app: &TestApp) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(app.database_url.expose())
+        .await
+        .expect("the store's file opens");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut conn)
+        .await
+        .expect("write lock taken");
+    conn
 }

@@ -9,5 +9,8 @@ mod hardening;
 mod helpers;
 mod operability;
 mod outage;
+mod postgres;
+mod read_orders;
 mod security;
+mod store;
 mod validation;

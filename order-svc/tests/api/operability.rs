@@ -134,8 +134,14 @@ async fn metrics_count_calls_by_code_and_produce_latency() {
     assert_eq!(metric(&text, "orders_created_total"), Some(3.0), "{text}");
     assert_eq!(metric(&text, &series("OK")), Some(3.0), "{text}");
     assert_eq!(metric(&text, &series("InvalidArgument")), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "kafka_produce_seconds_count"), Some(3.0), "{text}");
+    // The events go out right after the answers.
+    let text = testkit::eventually(Duration::from_secs(5), "3 events acknowledged", || async {
+        let text = app.metrics().await;
+        (metric(&text, "kafka_produce_seconds_count") == Some(3.0)).then_some(text)
+    })
+    .await;
     assert_eq!(metric(&text, "kafka_produce_errors_total"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "outbox_pending"), Some(0.0), "{text}");
     assert_eq!(
         metric(
             &text,

@@ -9,7 +9,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, Extend
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{TestApp, spawn_app_alone_with, spawn_app_on, spawn_app_with, valid_request};
+use crate::helpers::{TestApp, spawn_app_on, spawn_app_with, valid_request};
 
 const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
 
@@ -295,13 +295,14 @@ async fn an_oversized_request_gets_a_clear_code_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn calls_over_the_concurrency_limit_are_shed() {
-    let mut app = spawn_app_alone_with(|c| {
+    let app = spawn_app_with(|c| {
         c.max_concurrent_calls = 1;
-        c.publish_timeout = Duration::from_secs(3);
+        c.database_url = crate::helpers::sqlite_url();
     })
     .await;
-    // With the broker gone the first call holds its slot until its deadline.
-    app.broker.stop();
+    // With the store's write lock held by someone else, the first call holds
+    // its slot until the store gives up waiting (its 5 s busy timeout).
+    let _lock = crate::helpers::hold_sqlite_write_lock(&app).await;
     let mut first = app.client().await;
     let holding = tokio::spawn(async move { first.create_order(valid_request("user-1")).await });
     let shed = testkit::eventually(Duration::from_secs(2), "a call shed with RESOURCE_EXHAUSTED", || {

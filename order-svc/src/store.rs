@@ -1,0 +1,620 @@
+//! The order store: orders, their items, idempotency keys and the outbox, in
+//! SQLite (one file, the default) or PostgreSQL (several instances), chosen by
+//! `DATABASE_URL`.
+//!
+//! Why sqlx: it is the most used async SQL crate on tokio, maintained, with
+//! native drivers for both databases (SQLite bundled, so the embedded store
+//! needs nothing installed), a connection pool, and versioned migrations
+//! embedded in the binary at build time. Its `Any` driver lets one set of
+//! queries serve both databases, so every code path is the same on both and
+//! only the schema files and one locking clause differ. The compile-time
+//! checked `query!` macros are not used: they need a live database (or
+//! generated offline data) to build the crate; the queries are exercised by the
+//! tests against both databases instead. Only `migrate!` (which reads the
+//! migration files, not a database) is used.
+//!
+//! Times are microseconds since the Unix epoch, so an order read back has
+//! exactly the `created_at` it was answered with.
+
+use std::time::Duration;
+
+use orders_contract::v1::{LineItem, Order};
+use service_kit::secret::Secret;
+use sqlx::{
+    Row,
+    any::{AnyPoolOptions, AnyRow},
+    migrate::{MigrateError, Migrator},
+    pool::PoolOptions,
+};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::error::Error;
+
+/// The migrations of each dialect, embedded at build time.
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How long a call waits for a connection before the store counts as down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Which database `DATABASE_URL` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://<path>`: one file, one instance.
+    Sqlite,
+    /// `postgres://...`: shared by several instances.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of `url`, or why it has none.
+    pub fn of(url: &str) -> Result<Self, Error> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(Error::Config(
+                "DATABASE_URL must start with sqlite:// or postgres://".into(),
+            ))
+        }
+    }
+}
+
+/// An order as stored: the order itself and its event's id.
+#[derive(Debug, Clone)]
+pub struct StoredOrder<'a> {
+    /// The order (its `created_at` already at microsecond precision).
+    pub order: &'a Order,
+    /// The `OrderCreated` event id.
+    pub event_id: &'a str,
+    /// The payload's fingerprint, when the call carried a `request_id`.
+    pub fingerprint: Option<&'a [u8]>,
+}
+
+/// One record of the outbox, exactly as it goes to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// The record key (the order id).
+    pub key: String,
+    /// The record value (the encoded event).
+    pub value: Vec<u8>,
+    /// The headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl OutboxRecord {
+    /// The headers as one blob: per header a u32 name length, the name, a
+    /// u32 value length, the value (big-endian lengths).
+    fn encode_headers(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in &self.headers {
+            for part in [name.as_bytes(), value.as_bytes()] {
+                out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`Self::encode_headers`]; `None` if `blob` is not one.
+    fn decode_headers(mut blob: &[u8]) -> Option<Vec<(String, String)>> {
+        let mut headers = Vec::new();
+        let take = |blob: &mut &[u8]| -> Option<String> {
+            let (len, rest) = blob.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+            if rest.len() < len {
+                return None;
+            }
+            let (text, rest) = rest.split_at(len);
+            *blob = rest;
+            String::from_utf8(text.to_vec()).ok()
+        };
+        while !blob.is_empty() {
+            let name = take(&mut blob)?;
+            let value = take(&mut blob)?;
+            headers.push((name, value));
+        }
+        Some(headers)
+    }
+}
+
+/// An outbox row claimed for publishing.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The row id (commit order within a key).
+    pub id: i64,
+    /// What to publish.
+    pub record: OutboxRecord,
+}
+
+/// What [`Store::create`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// The order is committed; its outbox row has this id.
+    New(i64),
+    /// The idempotency key is taken (by a committed order): read it back.
+    KeyTaken,
+}
+
+/// An idempotency key found in the store.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    /// The fingerprint of the payload that created the order.
+    pub fingerprint: Vec<u8>,
+    /// The order it names.
+    pub order_id: String,
+}
+
+/// How many rows the outbox holds that are not yet acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Rows not yet acknowledged by the broker.
+    pub pending: i64,
+    /// When the oldest of them was committed (µs since the epoch).
+    pub oldest_us: Option<i64>,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    pool: sqlx::AnyPool,
+    backend: Backend,
+    /// SQLite has one writer: writes take turns here instead of in SQLite's
+    /// busy handler, which sleeps up to 100 ms between tries.
+    writer: Option<Mutex<()>>,
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_us() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+/// A protobuf timestamp from microseconds since the epoch.
+pub fn timestamp_from_us(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+/// Microseconds since the epoch of a protobuf timestamp.
+pub fn us_from_timestamp(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos / 1000))
+}
+
+/// `$first, $first+1, ...`: `n` placeholders.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// Connects to `url` (creating an SQLite file when missing) and applies
+    /// the migrations this binary has. A database that a newer binary has
+    /// migrated further is refused: this binary would not know its schema.
+    pub async fn connect(url: &Secret, max_connections: u32) -> Result<Self, Error> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of(url.expose())?;
+        let mut url = url.expose().to_owned();
+        let options: AnyPoolOptions = PoolOptions::new()
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(true);
+        let options = match backend {
+            Backend::Sqlite => {
+                if !url.contains("mode=") {
+                    url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                }
+                // WAL: readers never wait for the writer. synchronous=FULL:
+                // a commit is on disk (WAL fsynced) before CreateOrder
+                // answers, so an OK survives a power loss, not only a crash.
+                options
+                    .max_connections(max_connections.clamp(1, 8))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA synchronous = FULL",
+                                "PRAGMA busy_timeout = 5000",
+                                "PRAGMA foreign_keys = ON",
+                            ] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+            }
+            Backend::Postgres => options.max_connections(max_connections.max(1)),
+        };
+        let pool = options
+            .connect(&url)
+            .await
+            .map_err(|e| Error::StoreConnect(e.to_string()))?;
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        migrator.run(&pool).await.map_err(|e| match e {
+            MigrateError::VersionMissing(found) => Error::StoreTooNew { found, known },
+            other => Error::Migrate(other.to_string()),
+        })?;
+        Ok(Self {
+            pool,
+            backend,
+            writer: (backend == Backend::Sqlite).then(|| Mutex::new(())),
+        })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The newest schema version this binary knows.
+    pub fn schema_version(&self) -> i64 {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(writer) => Some(writer.lock().await),
+            None => None,
+        }
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The idempotency key `(user_id, request_id)` if it was taken at or
+    /// after `not_before_us`.
+    pub async fn find_key(&self, user_id: &str, request_id: &str, not_before_us: i64) -> Result<Option<KeyRow>, Error> {
+        let row = sqlx::query(
+            "SELECT fingerprint, order_id FROM idempotency_keys \
+             WHERE user_id = $1 AND request_id = $2 AND created_at_us >= $3",
+        )
+        .bind(user_id)
+        .bind(request_id)
+        .bind(not_before_us)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(KeyRow {
+                fingerprint: row.try_get("fingerprint")?,
+                order_id: row.try_get("order_id")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// In one transaction: the idempotency key (unless it is taken by a key
+    /// newer than `not_before_us`: then nothing is written), the order, its
+    /// items and its outbox record, leased until `lease_until_us` to the
+    /// call that publishes it right after the commit.
+    pub async fn create(
+        &self,
+        stored: &StoredOrder<'_>,
+        record: &OutboxRecord,
+        lease_until_us: i64,
+        not_before_us: i64,
+    ) -> Result<Created, Error> {
+        let order = stored.order;
+        let created_at_us = order.created_at.as_ref().map(us_from_timestamp).unwrap_or_default();
+        let _turn = self.write_turn().await;
+        let mut tx = self.pool.begin().await?;
+        if let Some(fingerprint) = stored.fingerprint {
+            // An expired key names an old order; the new one takes its place.
+            sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND request_id = $2 AND created_at_us < $3")
+                .bind(&order.user_id)
+                .bind(&order.request_id)
+                .bind(not_before_us)
+                .execute(&mut *tx)
+                .await?;
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, request_id, fingerprint, order_id, created_at_us) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, request_id) DO NOTHING",
+            )
+            .bind(&order.user_id)
+            .bind(&order.request_id)
+            .bind(fingerprint.to_vec())
+            .bind(&order.order_id)
+            .bind(created_at_us)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                tx.rollback().await?;
+                return Ok(Created::KeyTaken);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO orders (order_id, user_id, request_id, currency, total_minor, created_at_us, event_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&order.order_id)
+        .bind(&order.user_id)
+        .bind(&order.request_id)
+        .bind(&order.currency)
+        .bind(order.total_minor)
+        .bind(created_at_us)
+        .bind(stored.event_id)
+        .execute(&mut *tx)
+        .await?;
+        if !order.items.is_empty() {
+            let values = (0..order.items.len())
+                .map(|i| format!("({})", placeholders(i * 5 + 1, 5)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql =
+                format!("INSERT INTO order_items (order_id, line, sku, quantity, unit_price_minor) VALUES {values}");
+            let mut insert = sqlx::query(&sql);
+            for (line, item) in order.items.iter().enumerate() {
+                insert = insert
+                    .bind(&order.order_id)
+                    .bind(i64::try_from(line).unwrap_or(i64::MAX))
+                    .bind(&item.sku)
+                    .bind(i64::from(item.quantity))
+                    .bind(item.unit_price_minor);
+            }
+            insert.execute(&mut *tx).await?;
+        }
+        let id: i64 = sqlx::query(
+            "INSERT INTO outbox (record_key, value, headers, created_at_us, lease_until_us) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(&record.key)
+        .bind(record.value.clone())
+        .bind(record.encode_headers())
+        .bind(now_us())
+        .bind(lease_until_us)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("id")?;
+        tx.commit().await?;
+        Ok(Created::New(id))
+    }
+
+    /// The order `order_id`, with its items.
+    pub async fn get(&self, order_id: &str) -> Result<Option<Order>, Error> {
+        let row = sqlx::query(
+            "SELECT order_id, user_id, request_id, currency, total_minor, created_at_us \
+             FROM orders WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut orders = vec![order_from_row(&row)?];
+        self.fill_items(&mut orders).await?;
+        Ok(orders.pop())
+    }
+
+    /// At most `limit` of `user_id`'s orders, newest first, strictly after
+    /// the position `after` (`created_at` in µs and order id) in that order.
+    pub async fn list(&self, user_id: &str, after: Option<(i64, &str)>, limit: u32) -> Result<Vec<Order>, Error> {
+        let (before_us, before_id) = after.unwrap_or((i64::MAX, ""));
+        let rows = sqlx::query(
+            "SELECT order_id, user_id, request_id, currency, total_minor, created_at_us FROM orders \
+             WHERE user_id = $1 AND (created_at_us < $2 OR (created_at_us = $2 AND order_id < $3)) \
+             ORDER BY created_at_us DESC, order_id DESC LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(before_us)
+        .bind(before_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>, _>>()?;
+        self.fill_items(&mut orders).await?;
+        Ok(orders)
+    }
+
+    async fn fill_items(&self, orders: &mut [Order]) -> Result<(), Error> {
+        if orders.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT order_id, sku, quantity, unit_price_minor FROM order_items \
+             WHERE order_id IN ({}) ORDER BY order_id, line",
+            placeholders(1, orders.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for order in orders.iter() {
+            query = query.bind(order.order_id.clone());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let mut by_id: std::collections::HashMap<String, Vec<LineItem>> = std::collections::HashMap::new();
+        for row in rows {
+            let quantity: i64 = row.try_get("quantity")?;
+            by_id.entry(row.try_get("order_id")?).or_default().push(LineItem {
+                sku: row.try_get("sku")?,
+                quantity: u32::try_from(quantity).unwrap_or(u32::MAX),
+                unit_price_minor: row.try_get("unit_price_minor")?,
+            });
+        }
+        for order in orders {
+            order.items = by_id.remove(&order.order_id).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Claims at most `limit` unpublished rows whose lease has expired, each
+    /// the oldest unpublished row of its key (so a key's rows go out in
+    /// order), leasing them until `lease_until_us`. On PostgreSQL, rows that
+    /// another instance is claiming at the same moment are skipped
+    /// (`FOR UPDATE SKIP LOCKED`), so one instance publishes each row.
+    pub async fn claim(&self, now_us: i64, lease_until_us: i64, limit: u32) -> Result<Vec<Claimed>, Error> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE outbox SET lease_until_us = $1 WHERE id IN ( \
+               SELECT o.id FROM outbox o \
+               WHERE o.published_at_us IS NULL AND o.lease_until_us < $2 \
+                 AND NOT EXISTS (SELECT 1 FROM outbox p \
+                   WHERE p.record_key = o.record_key AND p.published_at_us IS NULL AND p.id < o.id) \
+               ORDER BY o.id LIMIT $3 {lock}) \
+             RETURNING id, record_key, value, headers"
+        );
+        let _turn = self.write_turn().await;
+        let rows = sqlx::query(&sql)
+            .bind(lease_until_us)
+            .bind(now_us)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let headers: Vec<u8> = row.try_get("headers")?;
+                Ok(Claimed {
+                    id: row.try_get("id")?,
+                    record: OutboxRecord {
+                        key: row.try_get("record_key")?,
+                        value: row.try_get("value")?,
+                        headers: OutboxRecord::decode_headers(&headers)
+                            .ok_or_else(|| Error::Corrupt("an outbox row's headers do not decode".into()))?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        claimed.sort_by_key(|c| c.id);
+        Ok(claimed)
+    }
+
+    /// Marks `ids` as acknowledged by the broker at `at_us`.
+    pub async fn mark_published(&self, ids: &[i64], at_us: i64) -> Result<(), Error> {
+        self.update_ids("published_at_us", at_us, ids).await
+    }
+
+    /// Hands `ids` back to the relay at once (their publish failed).
+    pub async fn release(&self, ids: &[i64]) -> Result<(), Error> {
+        self.update_ids("lease_until_us", 0, ids).await
+    }
+
+    async fn update_ids(&self, column: &str, value: i64, ids: &[i64]) -> Result<(), Error> {
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "UPDATE outbox SET {column} = $1 WHERE id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).bind(value);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            let _turn = self.write_turn().await;
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends every lease: for SQLite at start-up, where this process is the
+    /// only one using the file, so whatever a previous process had leased
+    /// and not published goes out now rather than when the lease expires.
+    pub async fn release_all(&self) -> Result<u64, Error> {
+        let _turn = self.write_turn().await;
+        Ok(
+            sqlx::query("UPDATE outbox SET lease_until_us = 0 WHERE published_at_us IS NULL AND lease_until_us > 0")
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// The unpublished rows: how many, and the oldest one's commit time.
+    pub async fn outbox_stats(&self) -> Result<OutboxStats, Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, MIN(created_at_us) AS oldest FROM outbox WHERE published_at_us IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OutboxStats {
+            pending: row.try_get("pending")?,
+            oldest_us: row.try_get("oldest")?,
+        })
+    }
+
+    /// Deletes (in bounded batches) outbox rows published before
+    /// `published_before_us` and idempotency keys taken before
+    /// `keys_before_us`. Returns how many rows went.
+    pub async fn purge(&self, published_before_us: i64, keys_before_us: i64) -> Result<u64, Error> {
+        let mut removed = 0;
+        for sql in [
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+               WHERE published_at_us IS NOT NULL AND published_at_us < $1 LIMIT 5000)",
+            "DELETE FROM idempotency_keys WHERE (user_id, request_id) IN (SELECT user_id, request_id \
+               FROM idempotency_keys WHERE created_at_us < $1 LIMIT 5000)",
+        ] {
+            let before = if sql.contains("outbox") {
+                published_before_us
+            } else {
+                keys_before_us
+            };
+            loop {
+                let _turn = self.write_turn().await;
+                let n = sqlx::query(sql).bind(before).execute(&self.pool).await?.rows_affected();
+                removed += n;
+                if n < 5000 {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn order_from_row(row: &AnyRow) -> Result<Order, Error> {
+    let created_at_us: i64 = row.try_get("created_at_us")?;
+    Ok(Order {
+        order_id: row.try_get("order_id")?,
+        user_id: row.try_get("user_id")?,
+        items: Vec::new(),
+        currency: row.try_get("currency")?,
+        total_minor: row.try_get("total_minor")?,
+        created_at: Some(timestamp_from_us(created_at_us)),
+        request_id: row.try_get("request_id")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_garbage_is_refused() {
+        let record = OutboxRecord {
+            key: "k".into(),
+            value: vec![1, 2],
+            headers: vec![("ce_id".into(), "1".into()), ("traceparent".into(), String::new())],
+        };
+        let blob = record.encode_headers();
+        assert_eq!(OutboxRecord::decode_headers(&blob), Some(record.headers));
+        assert_eq!(OutboxRecord::decode_headers(&blob[..blob.len() - 1]), None);
+        assert_eq!(OutboxRecord::decode_headers(&[0, 0, 0, 9, b'a']), None);
+    }
+
+    #[test]
+    fn timestamps_keep_microseconds() {
+        for us in [0, 1, 1_700_000_000_123_456, -1] {
+            assert_eq!(us_from_timestamp(&timestamp_from_us(us)), us);
+        }
+    }
+}

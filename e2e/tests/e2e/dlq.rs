@@ -6,7 +6,8 @@
 //! with its event id as `Idempotency-Key`. A redrive of the same dead letters
 //! again (`--restart`) publishes them again and notify-svc drops every one as
 //! a duplicate. Plus the clear errors: a missing topic, a bad filter, a
-//! record that does not exist, a position saved for another selection.
+//! record that does not exist, a position saved for another selection; and
+//! `list` over a dead-letter topic much larger than its memory.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -512,4 +513,83 @@ async fn refused_orders_are_listed_redriven_after_a_kill_and_delivered_once() {
     );
     drop(notify);
     server.abort();
+}
+
+/// `VmHWM` (peak resident memory) of `pid` in KiB, while it runs.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_reads_a_large_dead_letter_topic_in_bounded_memory() {
+    const RECORDS: usize = 320;
+    const RECORD_BYTES: usize = 512 * 1024;
+    let (broker, topic) = broker_with_topic("dlqmem", 1).await;
+    let dlq = format!("{topic}.dlq");
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", broker.addr());
+    for (k, v) in broker.client_options().split(',').filter_map(|kv| kv.split_once('=')) {
+        config.set(k, v);
+    }
+    let producer: rdkafka::producer::FutureProducer =
+        config.set("message.max.bytes", "1048576").create().expect("a producer");
+    let value: Vec<u8> = (0..RECORD_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    for i in 0..RECORDS {
+        let key = format!("order-{i}");
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "dlq.error.class",
+                value: Some("malformed"),
+            })
+            .insert(rdkafka::message::Header {
+                key: "dlq.original.topic",
+                value: Some(topic.as_str()),
+            });
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&dlq)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("a dead letter is produced");
+    }
+
+    let ctl = Ctl::spawn(&ctl_env(&broker.addr(), &topic), &["list", "--json", "--limit", "0"]);
+    let pid = ctl.child.id().expect("a running orderctl");
+    let mut peak = 0;
+    while let Some(kib) = peak_rss_kib(pid) {
+        peak = peak.max(kib);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if ctl.stdout().len() >= RECORDS {
+            // The last reading before it exits: VmHWM is the peak so far.
+            if let Some(kib) = peak_rss_kib(pid) {
+                peak = peak.max(kib);
+            }
+            break;
+        }
+    }
+    let (ok, out, err) = ctl.finish().await;
+    assert!(ok, "{err:?}");
+    assert_eq!(out.len(), RECORDS, "{err:?}");
+    let topic_kib = (RECORDS * RECORD_BYTES / 1024) as u64;
+    println!(
+        "orderctl dlq list over {RECORDS} dead letters of {RECORD_BYTES} bytes ({topic_kib} KiB): peak VmRSS {peak} KiB"
+    );
+    assert!(peak > 0, "the peak was read");
+    assert!(
+        peak < 64 * 1024,
+        "orderctl's peak resident memory {peak} KiB for a {topic_kib} KiB topic: it must not hold the topic"
+    );
 }

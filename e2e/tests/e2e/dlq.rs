@@ -249,26 +249,32 @@ async fn refused_orders_are_listed_redriven_after_a_kill_and_delivered_once() {
     .await;
 
     // Spring's names beside ours, in Spring's encodings.
+    let raw = |m: &rdkafka::message::OwnedMessage, name: &str| -> Vec<u8> {
+        use rdkafka::message::Headers;
+        m.headers()
+            .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+            .unwrap_or_else(|| panic!("header {name}"))
+            .to_vec()
+    };
     for m in &dead {
-        let ours: i32 = header(m, "dlq.original.partition")
-            .expect("ours")
-            .parse()
-            .expect("a number");
-        let spring = m
-            .headers()
-            .and_then(|h| {
-                use rdkafka::message::Headers;
-                h.iter()
-                    .find(|h| h.key == "kafka_dlt-original-partition")
-                    .and_then(|h| h.value)
-            })
-            .expect("kafka_dlt-original-partition");
-        assert_eq!(spring, ours.to_be_bytes(), "a 4-byte big-endian int");
+        let number = |name: &str| -> i64 { header(m, name).expect(name).parse().expect("a number") };
+        let partition = i32::try_from(number("dlq.original.partition")).expect("an i32");
+        assert_eq!(
+            raw(m, "kafka_dlt-original-partition"),
+            partition.to_be_bytes(),
+            "a 4-byte big-endian int"
+        );
+        assert_eq!(
+            raw(m, "kafka_dlt-original-offset"),
+            number("dlq.original.offset").to_be_bytes(),
+            "an 8-byte big-endian long"
+        );
         assert_eq!(header(m, "kafka_dlt-original-topic").as_deref(), Some(topic.as_str()));
         assert_eq!(
             header(m, "kafka_dlt-exception-fqcn").as_deref(),
             Some("notify_permanent")
         );
+        assert_eq!(header(m, "kafka_dlt-exception-message"), header(m, "dlq.error.message"));
     }
 
     // `list --json`: exactly the refused orders, with the reason.

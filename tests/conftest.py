@@ -190,10 +190,13 @@ def start_order_svc(kafka: Broker, tmp_path_factory):
     def start(topic: str, **env: str) -> Service:
         grpc_addr = f"127.0.0.1:{free_port()}"
         metrics_addr = f"127.0.0.1:{free_port()}"
+        # Each instance gets a store of its own: the default (orders.db in the
+        # working directory) would outlive the test and its broker.
+        store = folder / f"orders-{uuid.uuid4().hex[:8]}.db"
         svc = start_service(
             "order-svc",
             {"GRPC_ADDR": grpc_addr, "KAFKA_BROKERS": kafka.bootstrap, "KAFKA_OPTIONS": kafka.client_options,
-             "ORDERS_TOPIC": topic, **env},
+             "ORDERS_TOPIC": topic, "DATABASE_URL": f"sqlite://{store}", **env},
             folder, metrics_addr, grpc_addr,
         )
         started.append(svc)

@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! orderctl create --user u-1 --currency EUR --item SKU-1:2:1999
+//! orderctl get 0191d3c4-...
+//! orderctl list --user u-1 --page-size 20
 //! orderctl health
 //! orderctl dlq list --class notify_permanent
 //! orderctl dlq redrive --class notify_permanent
 //! ```
 
 mod dlq;
+mod orders;
 
 use std::time::Duration;
 
@@ -62,6 +65,10 @@ enum Cmd {
         #[arg(long, default_value = "")]
         request_id: String,
     },
+    /// Read one order back and print it.
+    Get(orders::GetArgs),
+    /// List a user's orders, newest first.
+    List(orders::ListArgs),
     /// Check order-svc's gRPC health (overall).
     Health,
     /// The dead-letter topic: list, show and redrive dead letters (talks to
@@ -154,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Get(args) => orders::get(channel, cli.token.as_deref(), args).await?,
+        Cmd::List(args) => orders::list(channel, cli.token.as_deref(), args).await?,
         // Handled above, without connecting to order-svc.
         Cmd::Dlq(_) => {}
     }

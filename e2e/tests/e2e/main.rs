@@ -10,6 +10,7 @@
 
 mod configuration;
 mod dlq;
+mod durability;
 mod faults;
 mod flow;
 mod group_faults;

@@ -8,8 +8,7 @@
 //! database answering the same keys. `orderctl get` / `orderctl list` read
 //! the orders back as a user would.
 //!
-//! `DURABILITY_ORDERS` sets how many orders each run creates (default 600 on
-//! this 2-core machine shared with other builds; the issue asks for 2,000).
+//! Each run creates 2,000 orders (`DURABILITY_ORDERS` sets another number).
 //! order-svc refuses to start while the broker is unreachable (the start-up
 //! check that catches a wrong address), so during the broker outage the
 //! killer holds off: kills happen before and after it.

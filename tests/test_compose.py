@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -599,6 +600,52 @@ def check_kafka_wiring(compose: dict) -> list[str]:
     return problems
 
 
+def check_store(compose: dict) -> list[str]:
+    """order-svc's DATABASE_URL names a PostgreSQL service of this file that
+    has a pinned image, a health check, a named volume for its data and the
+    credentials the URL uses; order-svc waits for it to be healthy and runs
+    more than one replica, each with a host port of its own."""
+    problems = []
+    services = compose["services"]
+    name = "order-svc"
+    service = services[name]
+    url = urllib.parse.urlsplit(effective_config(compose, name)["DATABASE_URL"] or "")
+    if url.scheme not in ("postgres", "postgresql"):
+        return [f"{name}: DATABASE_URL is {url.scheme or 'unset'}, not a PostgreSQL the replicas share"]
+    db_name = url.hostname or ""
+    db = services.get(db_name)
+    if db is None:
+        return [f"{name}: DATABASE_URL host {db_name} is not a service of compose.yaml"]
+    if db_name not in broker_services(compose, name):
+        problems.append(f"{name}: does not wait for {db_name} to be healthy")
+    test = (db.get("healthcheck") or {}).get("test")
+    if not test or "pg_isready" not in " ".join(test if isinstance(test, list) else [test]):
+        problems.append(f"{db_name}: no pg_isready health check")
+    env = environment(db)
+    expected = {"POSTGRES_USER": url.username, "POSTGRES_PASSWORD": url.password, "POSTGRES_DB": url.path.lstrip("/")}
+    for var, value in expected.items():
+        if env.get(var) != value:
+            problems.append(f"{db_name}: {var} is {env.get(var)!r}, DATABASE_URL uses {value!r}")
+    if url.port != 5432:
+        problems.append(f"{name}: DATABASE_URL port {url.port} is not PostgreSQL's 5432 in the container")
+    named = set((compose.get("volumes") or {}).keys())
+    data = [str(v).split(":") for v in db.get("volumes") or []]
+    if not any(len(v) >= 2 and v[0] in named and v[1] == "/var/lib/postgresql/data" for v in data):
+        problems.append(f"{db_name}: /var/lib/postgresql/data is not on a named volume (orders would not survive `down`)")
+    replicas = (service.get("deploy") or {}).get("replicas", 1)
+    if replicas < 2:
+        problems.append(f"{name}: {replicas} replica(s); the store is there for several")
+    for published, target in parse_ports(service.get("ports")):
+        if published is None:
+            continue
+        lo, _, hi = published.partition("-")
+        if int(hi or lo) - int(lo) + 1 < replicas:
+            problems.append(f"{name}: host port {published}:{target} has fewer ports than its {replicas} replicas")
+    if "container_name" in service:
+        problems.append(f"{name}: container_name prevents replicas")
+    return problems
+
+
 def check_healthchecks(compose: dict, stages: list[dict]) -> list[str]:
     problems = []
     for name in APP_SERVICES:
@@ -866,6 +913,10 @@ def test_services_wait_for_the_broker_and_the_topics_they_use(compose):
     assert check_kafka_wiring(compose) == []
 
 
+def test_order_svc_replicas_share_a_pinned_healthy_postgres_with_a_volume(compose):
+    assert check_store(compose) == []
+
+
 def test_healthchecks_run_an_existing_subcommand_of_the_installed_binary(compose, dockerfile):
     _, stages = dockerfile_stages(dockerfile)
     assert check_healthchecks(compose, stages) == []
@@ -997,6 +1048,15 @@ COMPOSE_MUTATIONS = [
     ("no restart policy", _del(f"{S}.notify-svc.restart"), check_restart_and_images),
     ("unpinned image", _set(f"{S}.kafka.image", "apache/kafka:latest"), check_restart_and_images),
     ("app behind a profile", _set(f"{S}.order-svc.profiles", ["x"]), check_restart_and_images),
+    ("unpinned postgres", _set(f"{S}.postgres.image", "postgres"), check_restart_and_images),
+    ("store is a file per replica", _set(f"{S}.order-svc.environment.DATABASE_URL", "sqlite://orders.db"), check_store),
+    ("store host unknown", _set(f"{S}.order-svc.environment.DATABASE_URL", "postgres://orders:orders@db:5432/orders"), check_store),
+    ("wrong password", _set(f"{S}.postgres.environment.POSTGRES_PASSWORD", "x"), check_store),
+    ("no wait for postgres", _del(f"{S}.order-svc.depends_on.postgres"), check_store),
+    ("postgres without healthcheck", _del(f"{S}.postgres.healthcheck"), check_store),
+    ("postgres data not on a volume", _set(f"{S}.postgres.volumes", []), check_store),
+    ("one replica", _del(f"{S}.order-svc.deploy"), check_store),
+    ("fixed host port with replicas", _set(f"{S}.order-svc.ports", ["50051:50051", "9090-9091:9090"]), check_store),
 ]
 
 

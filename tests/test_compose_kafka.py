@@ -4,8 +4,11 @@ There is no Docker engine where this runs, so this starts what compose.yaml
 describes from its own settings: the `kafka` service's KRaft broker from its
 `KAFKA_*` environment (translated to server.properties the way the
 apache/kafka image does), on the Apache Kafka jars of the same version as the
-image (scripts/install-tools.sh --kafka), the topics `kafka-init` creates, and
-order-svc and notify-svc with the environment compose.yaml gives them. Only
+image (scripts/install-tools.sh --kafka), the topics `kafka-init` creates, the
+`postgres` service from its `POSTGRES_*` environment (the image's rules, on
+Debian's PostgreSQL that scripts/install-tools.sh --test installs), and
+order-svc (as many replicas as compose.yaml runs) and notify-svc with the
+environment compose.yaml gives them. Only
 host names and ports change: containers' names and fixed ports become
 127.0.0.1 and free ports. Nothing is copied from compose.yaml into this file,
 so when compose.yaml changes, this test runs the change.
@@ -18,7 +21,9 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -148,6 +153,53 @@ def compose_kafka(tmp_path_factory):
         stop(proc, grace=20)
 
 
+def postgres_bin() -> pathlib.Path:
+    for version in sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (version / "initdb").is_file():
+            return version
+    pytest.fail("PostgreSQL's initdb is missing: run scripts/install-tools.sh --test (apt-get install postgresql)")
+
+
+@pytest.fixture(scope="module")
+def compose_postgres(compose_kafka):
+    """The `postgres` service as the image sets it up: POSTGRES_USER is the
+    superuser with POSTGRES_PASSWORD (password authentication over TCP), and
+    POSTGRES_DB exists; on the port compose's 5432 maps to here."""
+    addresses = compose_kafka[0]
+    env = COMPOSE["services"]["postgres"]["environment"]
+    bindir = postgres_bin()
+    root = os.geteuid() == 0
+    run_as = ["runuser", "-u", "postgres", "--"] if root else []
+    # Not under pytest's tmp dir: that one is private to root, and the server
+    # runs as the postgres user when the tests run as root.
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="compose-postgres-"))
+    if root:
+        shutil.chown(folder, "postgres", "postgres")
+    pwfile = folder / "pw"
+    pwfile.write_text(str(env["POSTGRES_PASSWORD"]) + "\n")
+    if root:
+        shutil.chown(pwfile, "postgres", "postgres")
+    data = folder / "data"
+    def run(args: list[str], timeout: int) -> None:
+        done = subprocess.run(run_as + args, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout}{done.stderr}"
+
+    run([str(bindir / "initdb"), "-D", str(data), "-U", str(env["POSTGRES_USER"]), "--pwfile", str(pwfile),
+         "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C", "--no-sync"], 120)
+    port = addresses.port(5432)
+    log = folder / "postgres.log"
+    run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+         "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], 90)
+    try:
+        run([str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "-U", str(env["POSTGRES_USER"]),
+             str(env["POSTGRES_DB"])], 60)
+        yield port
+    finally:
+        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def compose_service_env(name: str, addresses: Addresses) -> dict[str, str]:
     return {k: addresses.rewrite(str(v)) for k, v in COMPOSE["services"][name]["environment"].items()}
 
@@ -182,20 +234,38 @@ def test_the_broker_runs_with_compose_settings_and_the_topics_kafka_init_creates
     assert errors and errors[0] is not None, "a record to an uncreated topic must fail"
 
 
-def test_both_services_with_compose_environment_place_and_notify_an_order(compose_kafka, pb, tmp_path):
+def test_both_services_with_compose_environment_place_and_notify_an_order(compose_kafka, compose_postgres, pb,
+                                                                          tmp_path):
     addresses, _, _, _ = compose_kafka
     order_env = compose_service_env("order-svc", addresses)
     notify_env = compose_service_env("notify-svc", addresses)
+    replicas = COMPOSE["services"]["order-svc"].get("deploy", {}).get("replicas", 1)
+    assert replicas >= 2, "compose.yaml runs several order-svc instances on one store"
     notify = start_service("notify-svc", notify_env, tmp_path, notify_env["METRICS_ADDR"])
-    orders = start_service("order-svc", order_env, tmp_path, order_env["METRICS_ADDR"], order_env["GRPC_ADDR"])
+    # Each replica has its own container, so its own ports; here, its own free ports.
+    instances = []
+    for i in range(replicas):
+        env = dict(order_env)
+        if i:
+            env["GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
+            env["METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+        instances.append(start_service("order-svc", env, tmp_path, env["METRICS_ADDR"], env["GRPC_ADDR"]))
     try:
-        with grpc.insecure_channel(order_env["GRPC_ADDR"]) as channel:
-            stub = pb.order_service_pb2_grpc.OrderServiceStub(channel)
-            request = pb.order_service_pb2.CreateOrderRequest(
-                user_id="compose-user", currency="EUR",
-                items=[pb.order_pb2.LineItem(sku="BOOK-1", quantity=2, unit_price_minor=1250)])
-            order = stub.CreateOrder(request, timeout=20).order
+        request = pb.order_service_pb2.CreateOrderRequest(
+            user_id="compose-user", currency="EUR", request_id=f"compose-{uuid.uuid4().hex[:8]}",
+            items=[pb.order_pb2.LineItem(sku="BOOK-1", quantity=2, unit_price_minor=1250)])
+        answers = []
+        for instance in instances:
+            with grpc.insecure_channel(instance.grpc_addr) as channel:
+                stub = pb.order_service_pb2_grpc.OrderServiceStub(channel)
+                answers.append(stub.CreateOrder(request, timeout=20).order)
+        order = answers[0]
         assert order.order_id
+        assert all(a == order for a in answers), "every replica answers the one order of the key"
+        with grpc.insecure_channel(instances[-1].grpc_addr) as channel:
+            stub = pb.order_service_pb2_grpc.OrderServiceStub(channel)
+            got = stub.GetOrder(pb.order_service_pb2.GetOrderRequest(order_id=order.order_id), timeout=20).order
+        assert got == order, "read back from the shared store"
 
         def notified():
             for line in notify.log.read_text().splitlines():
@@ -212,5 +282,6 @@ def test_both_services_with_compose_environment_place_and_notify_an_order(compos
         assert entry
         assert notify.metric("notifications_sent_total") >= 1
     finally:
-        stop(orders.proc)
+        for instance in instances:
+            stop(instance.proc)
         stop(notify.proc)

@@ -6,7 +6,9 @@
 #   - with --kafka or --test: Apache Kafka's broker, the jars scripts/kafka/pom.xml
 #     names, copied from Maven Central by Maven (checksums checked) into
 #     .tools/kafka-<version>/libs; the broker of the tests and benchmarks;
-#   - with --test: a Python venv in .tools/venv with tests/requirements.txt,
+#   - with --test: Debian's postgresql (the tests start their own servers from
+#     its initdb and pg_ctl; no system service is used) when it is missing,
+#     a Python venv in .tools/venv with tests/requirements.txt,
 #     the Node packages in tests/node (npm ci), and the Go and Java peers'
 #     dependencies, for the cross-language tests.
 set -euo pipefail
@@ -49,6 +51,14 @@ if [ "$(cat "$kafka_stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 [ "$mode" = "--test" ] || exit 0
+
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "==> installing Debian's postgresql (initdb and pg_ctl for the tests)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y postgresql
+  # The package starts a cluster as a system service; the tests do not use it.
+  $sudo service postgresql stop >/dev/null 2>&1 || true
+fi
 
 venv="$root/.tools/venv"
 stamp="$venv/.requirements.sha256"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole system on this machine, end to end: installs the broker if
 # needed, builds the services (release), starts a Tansu broker with sqlite
-# storage (in .run/), creates the topics, starts notify-svc and order-svc,
-# places one order and shows its notification, then keeps everything running
+# storage (in .run/), creates the topics, starts notify-svc and order-svc (its
+# order store in .run/orders.db), places one order, reads it back with
+# `orderctl get` and shows its notification, then keeps everything running
 # until Ctrl+C, which stops it all cleanly.
 #
 #   scripts/run.sh            # ports: gRPC 50051, metrics 9090 / 9091, Kafka 9092
@@ -35,7 +36,7 @@ stop() {
     for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
-  echo "==> stopped; broker data kept in .run/tansu (delete .run to start afresh)"
+  echo "==> stopped; broker data kept in .run/tansu, orders in .run/orders.db (delete .run to start afresh)"
 }
 trap stop INT TERM EXIT
 
@@ -68,7 +69,8 @@ export KAFKA_OPTIONS="$(grep -v '^#' "$root/scripts/tansu-kafka-options")"
 echo "==> starting notify-svc (metrics :$NOTIFY_METRICS_PORT) and order-svc (gRPC :$GRPC_PORT, metrics :$ORDER_METRICS_PORT)"
 METRICS_ADDR="0.0.0.0:$NOTIFY_METRICS_PORT" setsid "$bin/notify-svc" >"$run/notify-svc.log" 2>&1 &
 notify_pid=$!
-GRPC_ADDR="0.0.0.0:$GRPC_PORT" METRICS_ADDR="0.0.0.0:$ORDER_METRICS_PORT" setsid "$bin/order-svc" >"$run/order-svc.log" 2>&1 &
+DATABASE_URL="sqlite://$run/orders.db" GRPC_ADDR="0.0.0.0:$GRPC_PORT" METRICS_ADDR="0.0.0.0:$ORDER_METRICS_PORT" \
+  setsid "$bin/order-svc" >"$run/order-svc.log" 2>&1 &
 order_pid=$!
 wait_ready "http://127.0.0.1:$ORDER_METRICS_PORT/readyz" order-svc
 wait_ready "http://127.0.0.1:$NOTIFY_METRICS_PORT/readyz" notify-svc
@@ -78,6 +80,8 @@ out=$("$bin/orderctl" --addr "http://127.0.0.1:$GRPC_PORT" create --user demo-us
   --item SKU-BOOK:2:1999 --item SKU-PEN:1:250)
 echo "    $out"
 order_id=$(sed -n 's/^order_id=\([^ ]*\).*/\1/p' <<<"$out")
+echo "==> reading it back (orderctl get $order_id)"
+"$bin/orderctl" --addr "http://127.0.0.1:$GRPC_PORT" get "$order_id" | sed 's/^/    /'
 for _ in $(seq 1 100); do grep -q "order_id=$order_id" "$run/notify-svc.log" && break; sleep 0.1; done
 echo "==> notify-svc:"
 grep "order_id=$order_id" "$run/notify-svc.log" | grep notification | sed 's/^/    /'
@@ -88,7 +92,8 @@ The system is running. Try:
   grpcurl -plaintext localhost:$GRPC_PORT list
   grpcurl -plaintext -d '{"user_id":"u-1","currency":"EUR","items":[{"sku":"SKU-1","quantity":1,"unit_price_minor":500}]}' \\
     localhost:$GRPC_PORT orders.v1.OrderService/CreateOrder
-  curl -s localhost:$ORDER_METRICS_PORT/metrics | grep orders_created_total
+  $bin/orderctl list --user demo-user
+  curl -s localhost:$ORDER_METRICS_PORT/metrics | grep -E 'orders_created_total|outbox_pending' 
 Logs follow (.run/*.log). Ctrl+C stops everything.
 
 MSG

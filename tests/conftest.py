@@ -159,6 +159,9 @@ def start_service(name: str, env: dict[str, str], folder: pathlib.Path, metrics_
     full_env = {**os.environ, "METRICS_ADDR": metrics_addr,
                 "LOG_FORMAT": "text", "NO_COLOR": "1", **env}
     full_env.setdefault("RUST_LOG", "info")
+    if name == "order-svc":
+        # A store of its own in the test's folder, not orders.db in the cwd.
+        full_env.setdefault("DATABASE_URL", f"sqlite://{folder}/orders-{uuid.uuid4().hex[:8]}.db")
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(binary(name))], env=full_env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

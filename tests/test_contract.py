@@ -205,7 +205,12 @@ def test_python_client_creates_an_order(pb, stub, order_svc):
     assert abs(order.created_at.ToSeconds() - time.time()) < 120
     # A retry with the same request_id is the same order.
     again = stub.CreateOrder(request, timeout=15)
-    assert again.order.order_id == order.order_id
+    assert again.order == order, "a retry with the same request_id is the very same order"
+    # Read back from the store: by id, and in the user's newest-first list.
+    got = stub.GetOrder(pb.order_service_pb2.GetOrderRequest(order_id=order.order_id), timeout=15)
+    assert got.order == order
+    page = stub.ListOrders(pb.order_service_pb2.ListOrdersRequest(user_id="py-user", page_size=1), timeout=15)
+    assert list(page.orders) == [order], "the newest of the user's orders"
 
 
 def test_python_client_gets_invalid_argument_for_a_bad_request(pb, stub):

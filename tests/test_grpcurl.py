@@ -40,6 +40,8 @@ def test_grpcurl_lists_and_describes_without_proto_files(system):
     described = grpcurl("-plaintext", order_svc.grpc_addr, "describe", "orders.v1.OrderService")
     assert described.returncode == 0, described.stderr
     assert "rpc CreateOrder ( .orders.v1.CreateOrderRequest ) returns ( .orders.v1.CreateOrderResponse )" in described.stdout
+    assert "rpc GetOrder ( .orders.v1.GetOrderRequest ) returns ( .orders.v1.GetOrderResponse )" in described.stdout
+    assert "rpc ListOrders ( .orders.v1.ListOrdersRequest ) returns ( .orders.v1.ListOrdersResponse )" in described.stdout
     message = grpcurl("-plaintext", order_svc.grpc_addr, "describe", "orders.v1.LineItem")
     assert "int64 unit_price_minor = 3;" in message.stdout, message.stdout
     health = grpcurl("-plaintext", order_svc.grpc_addr, "grpc.health.v1.Health/Check")
@@ -57,6 +59,14 @@ def test_grpcurl_create_order_is_notified(system):
     assert order["userId"] == "grpcurl-user"
     assert order["totalMinor"] == "2500"
     order_id = order["orderId"]
+    got = grpcurl("-plaintext", "-d", json.dumps({"order_id": order_id}), order_svc.grpc_addr,
+                  "orders.v1.OrderService/GetOrder")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["order"] == order, "GetOrder reads back what CreateOrder answered"
+    listed = grpcurl("-plaintext", "-d", json.dumps({"user_id": "grpcurl-user", "page_size": 1}),
+                     order_svc.grpc_addr, "orders.v1.OrderService/ListOrders")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["orders"][0]["orderId"] == order_id
 
     # Text logs: one line naming exactly this order, its user, total and trace.
     def text_line():

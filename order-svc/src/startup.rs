@@ -1,5 +1,5 @@
-//! Wiring: [`Application::build`] opens (and migrates) the order store, checks
-//! the broker, creates the producer and binds both listeners (so the real
+//! Wiring: [`Application::build`] checks the broker, opens (and migrates) the
+//! order store, creates the producer and binds both listeners (so the real
 //! ports are known before serving); [`Application::run_until_stopped`] serves
 //! and publishes the outbox until the injected shutdown future resolves, then
 //! shuts down in one order: health NOT_SERVING, stop accepting, drain
@@ -61,9 +61,9 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Application {
-    /// Opens and migrates the order store, checks that the broker answers
-    /// and the topic exists, creates the producer, and binds the gRPC and
-    /// operations listeners.
+    /// Checks that the broker answers and the topic exists, opens and
+    /// migrates the order store, creates the producer, and binds the gRPC
+    /// and operations listeners.
     pub async fn build(config: Config) -> Result<Self, Error> {
         if config.kafka.topic.trim().is_empty() {
             return Err(Error::Config("ORDERS_TOPIC must not be empty".into()));
@@ -75,8 +75,6 @@ impl Application {
         let backend = Backend::of(config.database_url.expose())?;
         let tls = tls_config(&config)?;
         let auth = Authenticator::from_config(&config)?;
-        let store = Arc::new(Store::connect(&config.database_url, config.database_max_connections).await?);
-        tracing::info!(store = ?backend, schema_version = store.schema_version(), "order store ready");
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let defaults = producer_defaults(config.publish_timeout, config.max_concurrent_calls);
@@ -99,6 +97,10 @@ impl Application {
                 .await
                 .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
         tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topic, partitions, "Kafka is reachable");
+        // After the broker check: a configuration that cannot reach Kafka
+        // stops the process before it creates or migrates anything.
+        let store = Arc::new(Store::connect(&config.database_url, config.database_max_connections).await?);
+        tracing::info!(store = ?backend, schema_version = store.schema_version(), "order store ready");
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await

@@ -73,6 +73,9 @@ async fn reflection_lists_and_describes_without_proto_files() {
     // grpcurl before 1.8.8 speaks only v1alpha.
     assert!(reflection_v1alpha_describes(app.grpc_addr, "orders.v1.OrderService").await);
     assert!(reflection_v1alpha_describes(app.grpc_addr, "orders.v1.OrderCreated").await);
+    for read in ["orders.v1.GetOrderRequest", "orders.v1.ListOrdersResponse"] {
+        assert!(reflection_v1alpha_describes(app.grpc_addr, read).await, "{read}");
+    }
     assert!(reflection_v1alpha_describes(app.grpc_addr, "grpc.health.v1.Health").await);
     assert!(!reflection_v1alpha_describes(app.grpc_addr, "orders.v1.NoSuchThing").await);
 }

@@ -133,7 +133,7 @@ pub const EXIT_OUTPUT_BROKEN: i32 = 74;
 /// dead-lettered (a closed pipe or a full disk does not come back), so the
 /// caller stops the process ([`EXIT_OUTPUT_BROKEN`]) and a restart with a
 /// working stdout delivers what was lost.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LogSink {
     lines: Lines,
     format: tracing::Dispatch,
@@ -157,12 +157,6 @@ impl Write for Lines {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl std::fmt::Debug for LogSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogSink").field("pending", &self.pending()).finish()
     }
 }
 

@@ -13,7 +13,7 @@ use orders_contract::envelope::{self, Event};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use service_kit::telemetry;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, field::Empty};
+use tracing::Instrument;
 
 use crate::{
     dead_letter::{DeadLetters, Failure},
@@ -53,10 +53,28 @@ pub struct Processor {
     max_record_bytes: usize,
 }
 
-fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
-    message
-        .headers()
-        .and_then(|h| h.iter().filter(|h| h.key == name).last().and_then(|h| h.value))
+/// A record's headers, read once: each lookup through librdkafka walks
+/// every header and checks its name's UTF-8, and a record is asked for
+/// about ten by name (the envelope's and the trace context's).
+struct RecordHeaders<'m>(Vec<(&'m str, Option<&'m [u8]>)>);
+
+impl<'m> RecordHeaders<'m> {
+    fn of(message: &'m OwnedMessage) -> Self {
+        Self(
+            message
+                .headers()
+                .map_or_else(Vec::new, |h| h.iter().map(|h| (h.key, h.value)).collect()),
+        )
+    }
+
+    /// The last value of the header `name` (a later one overrides).
+    fn get(&self, name: &str) -> Option<&'m [u8]> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| *value)
+    }
 }
 
 impl Processor {
@@ -102,19 +120,27 @@ impl Processor {
     pub async fn process(&self, message: &OwnedMessage, stop: &CancellationToken) -> RecordOutcome {
         let started = Instant::now();
         self.metrics.consumed.inc();
+        // Decoded before the span exists, so the span is created with every
+        // field at once: each later `record` formats the span's fields again.
+        let headers = RecordHeaders::of(message);
+        let decoded = envelope::decode(|name| headers.get(name), message.payload(), self.max_record_bytes);
+        let event = match &decoded {
+            Ok(Event::OrderCreated(event)) => Some(event),
+            Err(_) => None,
+        };
         let span = tracing::info_span!(
             "event",
             topic = %message.topic(),
             partition = message.partition(),
             offset = message.offset(),
-            order_id = Empty,
-            event_id = Empty,
+            order_id = event.and_then(|e| e.order.as_ref()).map(|o| o.order_id.as_str()),
+            event_id = event.map(|e| e.event_id.as_str()),
         );
         telemetry::continue_trace(&span, |name| {
-            header(message, name).map(|v| String::from_utf8_lossy(v).into_owned())
+            headers.get(name).map(|v| String::from_utf8_lossy(v).into_owned())
         });
         let outcome = async {
-            match envelope::decode(|name| header(message, name), message.payload(), self.max_record_bytes) {
+            match decoded {
                 Err(error) => {
                     tracing::warn!(%error, "record is not a valid event; dead-lettering it");
                     let failure = Failure {
@@ -124,15 +150,7 @@ impl Processor {
                     };
                     self.dead_letter(message, failure, stop).await
                 }
-                Ok(Event::OrderCreated(event)) => {
-                    let span = tracing::Span::current();
-                    span.record("event_id", event.event_id.as_str());
-                    span.record(
-                        "order_id",
-                        event.order.as_ref().map(|o| o.order_id.as_str()).unwrap_or_default(),
-                    );
-                    self.notify(message, &event, &span, stop).await
-                }
+                Ok(Event::OrderCreated(event)) => self.notify(message, &event, &tracing::Span::current(), stop).await,
             }
         }
         .instrument(span)

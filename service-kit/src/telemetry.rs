@@ -260,7 +260,7 @@ impl<W: std::fmt::Write> tracing::field::Visit for EscapingVisitor<W> {
         // Names are the program's own; only values are escaped.
         self.result = match name {
             "message" => write!(self.out.0, "{pad}").and_then(|()| write!(self.out, "{value:?}")),
-            name => write!(self.out.0, "{pad}{}=", name.trim_start_matches("r#"))
+            name => write!(self.out.0, "{pad}{}=", name.strip_prefix("r#").unwrap_or(name))
                 .and_then(|()| write!(self.out, "{value:?}")),
         };
     }
@@ -272,6 +272,11 @@ struct Escaped<W>(W);
 
 impl<W: std::fmt::Write> std::fmt::Write for Escaped<W> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        // Most values are printable ASCII: one pass over the bytes, no
+        // character decoding.
+        if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return self.0.write_str(s);
+        }
         let mut rest = s;
         while let Some(at) = rest.find(needs_escape) {
             self.0.write_str(&rest[..at])?;

@@ -167,7 +167,7 @@ impl LogSink {
         let writer = lines.clone();
         Self {
             lines,
-            format: service_kit::telemetry::lines_into(format, move || writer.clone()),
+            format: service_kit::telemetry::lines_into(format, module_path!(), move || writer.clone()),
         }
     }
 

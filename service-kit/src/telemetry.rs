@@ -197,17 +197,22 @@ where
     }
 }
 
-/// A dispatcher that formats every event it is given as [`init`]'s log lines
-/// look on stdout (`format`, colours on a terminal) and writes it to `writer`
-/// instead, whatever `RUST_LOG` says: for a component whose lines are its
-/// product, emitted inside [`tracing::dispatcher::with_default`], and written
-/// out when it chooses. The lines carry no span: the dispatcher knows only
-/// the events it is given.
-pub fn lines_into<W>(format: LogFormat, writer: W) -> tracing::Dispatch
+/// A dispatcher that formats the INFO (and more severe) events of `target`
+/// as [`init`]'s log lines look on stdout (`format`, colours on a terminal)
+/// and writes them to `writer` instead, whatever `RUST_LOG` says: for a
+/// component whose lines are its product, emitted inside
+/// [`tracing::dispatcher::with_default`] and written out when it chooses.
+/// Every other call site stays disabled for it, so its existence costs the
+/// process's other events nothing. The lines carry no span: the dispatcher
+/// knows only the events it is given.
+pub fn lines_into<W>(format: LogFormat, target: &'static str, writer: W) -> tracing::Dispatch
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing::Dispatch::new(tracing_subscriber::registry().with(fmt_layer(format, stdout_ansi(), writer)))
+    let only = tracing_subscriber::filter::Targets::new().with_target(target, LevelFilter::INFO);
+    tracing::Dispatch::new(
+        tracing_subscriber::registry().with(fmt_layer(format, stdout_ansi(), writer).with_filter(only)),
+    )
 }
 
 /// The text format's fields, as tracing-subscriber's default formats them
@@ -531,6 +536,34 @@ mod tests {
         assert!(text.contains("total=5"), "{text}");
         assert!(text.contains("order created plain=demo-user"), "{text}");
         assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    }
+
+    /// A sink's dispatcher writes its target's events, formatted and escaped
+    /// like the log lines, and nothing else.
+    #[test]
+    fn lines_into_writes_only_its_targets_events() {
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let writer = out.clone();
+        let dispatch = lines_into(LogFormat::Text, "sink", move || writer.clone());
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!(target: "sink", user_id = "eve\nINFO forged", "notification");
+            tracing::info!(target: "elsewhere", "not the sink's");
+            tracing::debug!(target: "sink", "finer than INFO");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains(r#"notification user_id="eve\nINFO forged""#), "{text}");
     }
 
     /// The hand-written traceparent is byte for byte the propagator's.

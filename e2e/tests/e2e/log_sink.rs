@@ -24,9 +24,9 @@ const READ_BYTES: usize = 3000;
 /// Linux's default pipe capacity: what notify-svc may have written into the
 /// pipe that the reader never read.
 const PIPE_CAPACITY: usize = 64 * 1024;
-/// The consumer's batch of records under one `LogBatch` (notify-svc's
-/// `consumer::MAX_BATCH`): a running process may count one batch per
-/// partition before its write returns.
+/// The consumer's batch of records whose lines are written together
+/// (notify-svc's `consumer::worker::MAX_BATCH`): a running process may count
+/// one batch per partition before its write returns.
 const MAX_BATCH: usize = 64;
 
 /// Kills the child if the test ends early.

@@ -113,7 +113,13 @@ impl Instance {
 
 /// Creates `n` orders against `addrs` (a call goes to a random one), each
 /// retried until OK; returns the answered order per request index.
-async fn create_all(addrs: &[SocketAddr], n: usize, done: Arc<AtomicBool>) -> HashMap<usize, Order> {
+/// `ok` counts the answers as they come.
+async fn create_all(
+    addrs: &[SocketAddr],
+    n: usize,
+    done: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+) -> HashMap<usize, Order> {
     let clients: Vec<OrderServiceClient<Channel>> = addrs
         .iter()
         .map(|a| {
@@ -130,7 +136,13 @@ async fn create_all(addrs: &[SocketAddr], n: usize, done: Arc<AtomicBool>) -> Ha
     let retries = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
-        let (clients, next, answered, retries) = (clients.clone(), next.clone(), answered.clone(), retries.clone());
+        let (clients, next, answered, retries, ok) = (
+            clients.clone(),
+            next.clone(),
+            answered.clone(),
+            retries.clone(),
+            ok.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +158,7 @@ async fn create_all(addrs: &[SocketAddr], n: usize, done: Arc<AtomicBool>) -> Ha
                         Ok(response) => {
                             let order = response.into_inner().order.expect("an order");
                             answered.lock().unwrap().insert(i, order);
+                            ok.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
                         Err(status) => {
@@ -305,7 +318,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_order() {
         hold,
     ));
     let started = Instant::now();
-    let answered = create_all(&[addr], n, done).await;
+    let answered = create_all(&[addr], n, done, Arc::default()).await;
     let kills = killing.await.unwrap();
     println!("{kills} SIGKILLs in {:?}", started.elapsed());
     assert!(kills >= 3, "the run was too short to kill anything ({kills} kills)");
@@ -336,11 +349,17 @@ async fn sigkill_at_random_moments_with_the_broker_down_for_30_s_in_the_middle()
         done.clone(),
         hold.clone(),
     ));
+    let ok = Arc::new(AtomicUsize::new(0));
     let creating = tokio::spawn({
-        let done = done.clone();
-        async move { create_all(&[addr], n, done).await }
+        let (done, ok) = (done.clone(), ok.clone());
+        async move { create_all(&[addr], n, done, ok).await }
     });
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Half the orders before the outage, the rest during and after it.
+    testkit::eventually(Duration::from_secs(120), "half the orders answered", || {
+        let ok = ok.clone();
+        async move { (ok.load(Ordering::Relaxed) >= n / 2).then_some(()) }
+    })
+    .await;
     // The killer holds off (a restart needs the broker); wait for a restart
     // in progress to finish, then take the broker away for 30 s.
     hold.store(true, Ordering::Relaxed);
@@ -348,9 +367,16 @@ async fn sigkill_at_random_moments_with_the_broker_down_for_30_s_in_the_middle()
     tokio::task::block_in_place(|| broker.stop());
     drop(guard);
     let outage = Instant::now();
+    let before_outage = ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(30)).await;
+    let during_outage = ok.load(Ordering::Relaxed) - before_outage;
     broker.restart().await.expect("the broker restarts");
-    println!("broker down for {:?}", outage.elapsed());
+    println!(
+        "broker down for {:?}: {before_outage} orders answered OK before, {during_outage} during the outage",
+        outage.elapsed()
+    );
+    assert!(before_outage > 0, "the outage is in the middle: orders before it");
+    assert!(during_outage > 0, "orders are answered OK while the broker is down");
     hold.store(false, Ordering::Relaxed);
     let answered = creating.await.unwrap();
     let kills = killing.await.unwrap();
@@ -380,7 +406,7 @@ async fn two_instances_on_postgres_killed_at_random_moments_answer_each_key_with
         done.clone(),
         hold,
     ));
-    let answered = create_all(&addrs, n, done).await;
+    let answered = create_all(&addrs, n, done, Arc::default()).await;
     let kills = killing.await.unwrap();
     println!("{kills} SIGKILLs over two instances");
     assert!(kills >= 3, "the run was too short to kill anything ({kills} kills)");

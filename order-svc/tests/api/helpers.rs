@@ -147,6 +147,22 @@ impl TestApp {
     }
 }
 
+impl Drop for TestApp {
+    /// Removes the test's SQLite file (and its WAL files) from the temporary
+    /// directory: Config::for_tests and sqlite_url make one per app.
+    fn drop(&mut self) {
+        let url = self.database_url.expose();
+        if let Some(path) = url.strip_prefix("sqlite://")
+            && std::path::Path::new(path).starts_with(std::env::temp_dir())
+            && path.contains("order-svc-test-")
+        {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{path}{suffix}"));
+            }
+        }
+    }
+}
+
 pub(crate) fn valid_request(user: &str) -> CreateOrderRequest {
     CreateOrderRequest {
         user_id: user.into(),

@@ -358,7 +358,7 @@ async fn kafka_sasl_scram_authenticates_and_the_password_never_shows() {
         "the password is redacted in Debug output"
     );
 
-    let broker = app.broker;
+    let broker = app.broker.clone();
     let wrong = spawn_app_on(broker, topic, sasl("wrong-password"))
         .await
         .expect_err("wrong password: no start");

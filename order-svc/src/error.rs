@@ -67,6 +67,17 @@ pub enum Error {
     /// Kafka could not be set up at start-up.
     #[error(transparent)]
     KafkaCheck(#[from] service_kit::kafka::CheckError),
+    /// The broker answered at start-up but refused the configuration
+    /// (authentication, TLS).
+    #[error(
+        "Kafka at {brokers} refuses this configuration: {reason} (check KAFKA_SECURITY_PROTOCOL, the SASL and TLS settings)"
+    )]
+    KafkaRefused {
+        /// The configured broker list.
+        brokers: String,
+        /// What librdkafka reported.
+        reason: String,
+    },
     /// A Kafka client could not be created.
     #[error("cannot create the Kafka producer: {0}")]
     KafkaClient(#[from] rdkafka::error::KafkaError),
@@ -128,6 +139,7 @@ impl From<Error> for Status {
             | Error::Migrate(_)
             | Error::Corrupt(_)
             | Error::KafkaCheck(_)
+            | Error::KafkaRefused { .. }
             | Error::KafkaClient(_)
             | Error::Io { .. }
             | Error::Transport(_) => Status::internal(message),

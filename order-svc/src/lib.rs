@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod broker_check;
 pub mod config;
 pub mod domain;
 pub mod error;

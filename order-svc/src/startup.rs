@@ -1,4 +1,6 @@
-//! Wiring: [`Application::build`] checks the broker, opens (and migrates) the
+//! Wiring: [`Application::build`] checks the broker (a broker that refuses
+//! the configuration stops the start, one that does not answer does not),
+//! opens (and migrates) the
 //! order store, creates the producer and binds both listeners (so the real
 //! ports are known before serving); [`Application::run_until_stopped`] serves
 //! and publishes the outbox until the injected shutdown future resolves, then
@@ -26,6 +28,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::OrderApi,
     auth::Authenticator,
+    broker_check::{self, BrokerAtStart},
     config::Config,
     error::Error,
     metrics::{GrpcMetricsLayer, Metrics},
@@ -61,7 +64,8 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Application {
-    /// Checks that the broker answers and the topic exists, opens and
+    /// Checks the broker (a missing topic or refused authentication is an
+    /// error; no answer within `KAFKA_STARTUP_TIMEOUT` only a warning), opens and
     /// migrates the order store, creates the producer, and binds the gRPC
     /// and operations listeners.
     pub async fn build(config: Config) -> Result<Self, Error> {
@@ -80,24 +84,36 @@ impl Application {
         let defaults = producer_defaults(config.publish_timeout, config.max_concurrent_calls);
         let client_config = config.kafka.client_config(kafka::Role::Producer, defaults);
         let publisher = Arc::new(Publisher::new(
-            client_config,
+            client_config.clone(),
             config.kafka.topic.clone(),
             config.publish_timeout,
             metrics.clone(),
         )?);
 
-        let producer = publisher.producer();
-        let (brokers, topic, timeout) = (
+        let (check_config, brokers, topic, timeout) = (
+            client_config.clone(),
             config.kafka.brokers.clone(),
             config.kafka.topic.clone(),
             config.kafka.startup_timeout,
         );
-        let partitions =
-            tokio::task::spawn_blocking(move || kafka::check_topic(producer.client(), &brokers, &topic, timeout))
+        let checked =
+            tokio::task::spawn_blocking(move || broker_check::check(&check_config, &brokers, &topic, timeout))
                 .await
                 .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
-        tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topic, partitions, "Kafka is reachable");
-        // After the broker check: a configuration that cannot reach Kafka
+        match checked {
+            BrokerAtStart::Ready(partitions) => {
+                tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topic, partitions, "Kafka is reachable");
+            }
+            // Availability follows the store: orders are taken and their
+            // events wait in the outbox (`outbox_pending`,
+            // `outbox_oldest_age_seconds`) until the broker answers.
+            BrokerAtStart::Unreachable(error) => tracing::warn!(
+                %error,
+                topic = %config.kafka.topic,
+                "Kafka is unreachable: starting anyway; orders are stored and their events wait in the outbox until the broker answers"
+            ),
+        }
+        // After the broker check: a broker that refuses the configuration
         // stops the process before it creates or migrates anything.
         let store = Arc::new(Store::connect(&config.database_url, config.database_max_connections).await?);
         tracing::info!(store = ?backend, schema_version = store.schema_version(), "order store ready");

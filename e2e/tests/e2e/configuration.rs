@@ -84,12 +84,8 @@ async fn bad_configuration_exits_nonzero_before_binding() {
         &[&missing, "does not exist"],
     )
     .await;
-    refuses(
-        "order-svc",
-        &good(&[("KAFKA_BROKERS", &unreachable), ("KAFKA_STARTUP_TIMEOUT", "2s")]),
-        &["cannot reach Kafka", &unreachable],
-    )
-    .await;
+    // A broker that does not answer does not stop order-svc (its outbox holds
+    // the events): durability.rs restarts it during a broker outage.
 
     refuses(
         "notify-svc",

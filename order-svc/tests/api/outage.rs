@@ -2,7 +2,8 @@
 //! orders and their events are in the store), health and readiness follow the
 //! store and stay SERVING, the outbox metrics show the waiting events, and the
 //! events reach the topic in order when the broker returns, without a restart;
-//! events a stopped process could not publish go out from the next one.
+//! events a stopped process could not publish go out from the next one, and
+//! a process started while the broker is down serves all the same.
 
 use std::time::{Duration, Instant};
 
@@ -166,4 +167,81 @@ async fn events_a_stopped_process_could_not_publish_go_out_from_the_next_one() {
     seen.dedup();
     ids.sort();
     assert_eq!(seen, ids, "the next process published every stored event");
+}
+
+#[tokio::test]
+async fn starts_while_the_broker_is_down_and_publishes_in_order_when_it_returns() {
+    let mut broker = testkit::Broker::start().await.expect("broker starts");
+    let topic = testkit::unique("orders");
+    broker.create_topic(&topic, 3).await.expect("topic created");
+    broker.stop();
+    let started = Instant::now();
+    let app = spawn_app_on(broker, topic, |c| {
+        c.kafka.startup_timeout = Duration::from_secs(2);
+        c.publish_timeout = Duration::from_secs(2);
+    })
+    .await
+    .expect("an unreachable broker does not stop the start");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the start waits KAFKA_STARTUP_TIMEOUT, not longer: {:?}",
+        started.elapsed()
+    );
+    let mut health = HealthClient::new(app.channel().await);
+    let status = health
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving, "health follows the store");
+    assert_eq!(app.get("/readyz").await.0, 200);
+
+    let mut client = app.client().await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let order = client
+            .create_order(valid_request(&format!("user-{}", i % 2)))
+            .await
+            .expect("the store takes orders although the broker never answered")
+            .into_inner()
+            .order
+            .unwrap();
+        ids.push(order.order_id);
+    }
+    testkit::eventually(Duration::from_secs(10), "outbox_pending shows the 12 events", || {
+        let app = &app;
+        async move { (metric(&app.metrics().await, "outbox_pending").unwrap_or(0.0) >= 12.0).then_some(()) }
+    })
+    .await;
+
+    let mut broker = app.broker.clone();
+    broker.restart().await.expect("broker starts again");
+    testkit::eventually(Duration::from_secs(60), "outbox_pending back to 0", || {
+        let app = &app;
+        async move { (metric(&app.metrics().await, "outbox_pending") == Some(0.0)).then_some(()) }
+    })
+    .await;
+    let records = broker
+        .read_all(&app.topic, ids.len(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let partitions = by_partition(&records);
+    let mut seen: Vec<String> = partitions.values().flatten().cloned().collect();
+    seen.sort();
+    seen.dedup();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want, "every accepted order's event is on the topic");
+    // Within a partition the events are in the order the orders were
+    // accepted (the first sight of each; a resend may repeat one later).
+    for events in partitions.values() {
+        let mut first_seen: Vec<String> = Vec::new();
+        for id in events {
+            if !first_seen.contains(id) {
+                first_seen.push(id.clone());
+            }
+        }
+        let expected: Vec<String> = ids.iter().filter(|id| first_seen.contains(id)).cloned().collect();
+        assert_eq!(first_seen, expected, "per-partition order");
+    }
 }

@@ -363,4 +363,6 @@ async fn kafka_sasl_scram_authenticates_and_the_password_never_shows() {
         .await
         .expect_err("wrong password: no start");
     assert!(!wrong.to_string().contains("wrong-password"), "{wrong}");
+    // The broker answered: a refusal, not an outage to wait out.
+    assert!(wrong.to_string().contains("refuses this configuration"), "{wrong}");
 }

@@ -76,16 +76,15 @@ pub struct Config {
 
     /// Records that may wait per partition for that partition's worker.
     /// Once this many (or PARTITION_BUFFER_BYTES) wait, further records of
-    /// that partition are held up to the client's prefetch size and then the
-    /// partition alone is paused until its worker catches up; the other
-    /// partitions go on. A deep buffer keeps a catch-up from cycling through
-    /// pauses, each of which drops the partition's prefetched records.
+    /// that partition stay in the client, which stops fetching the partition
+    /// at its prefetch size, until the worker catches up; the other
+    /// partitions go on.
     #[arg(long, env = "PARTITION_BUFFER", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub partition_buffer: u64,
 
     /// Most bytes (values, keys, headers) of the records waiting per
-    /// partition: a slow partition pauses once its waiting records reach this
-    /// or PARTITION_BUFFER, whichever comes first. A single record larger than
+    /// partition: a slow partition's records stay in the client once its
+    /// waiting records reach this or PARTITION_BUFFER, whichever comes first. A single record larger than
     /// this waits alone.
     #[arg(long, env = "PARTITION_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..))]
     pub partition_buffer_bytes: u64,

@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -21,7 +21,11 @@ use rdkafka::{
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Key, STATS_INTERVAL, commit, describe, fetch::Workers, worker::Worker};
+use super::{
+    Key, STATS_INTERVAL, commit, describe,
+    fetch::{Wake, Workers},
+    worker::Worker,
+};
 use crate::{
     metrics::{Metrics, PartitionLabels},
     throttle::Throttled,
@@ -53,6 +57,11 @@ impl ConsumerHealth {
 #[derive(Debug)]
 pub struct ConsumerCtx {
     pub(super) workers: Arc<Mutex<Workers>>,
+    /// The consumer itself, to split the queues of assigned partitions; set
+    /// once it exists (weak: the consumer owns this context).
+    pub(super) consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx>>>,
+    /// Wakes the fetch loop when a partition queue gets records.
+    pub(super) wake: Arc<Wake>,
     /// Partitions assigned to this member: the only ones with a lag gauge.
     pub(super) assigned: Mutex<HashSet<Key>>,
     pub(super) metrics: Arc<Metrics>,
@@ -93,9 +102,8 @@ impl ClientContext for ConsumerCtx {
 }
 
 impl ConsumerContext for ConsumerCtx {
-    /// On revoke: stops the revoked partitions' workers, drops the records
-    /// held for them and lifts their pause (a partition handed back must not
-    /// stay paused), waits for the record each worker has in hand (a webhook
+    /// On revoke: stops the revoked partitions' workers, drops their queues
+    /// and the records waiting in them, waits for the record each worker has in hand (a webhook
     /// attempt, a dead-letter publish) and only then commits, so the new owner
     /// starts after it instead of handling it at the same time. The wait is
     /// bounded by the shutdown grace; work still running then is abandoned
@@ -106,7 +114,6 @@ impl ConsumerContext for ConsumerCtx {
             return;
         };
         let mut revoked = Vec::new();
-        let mut paused = TopicPartitionList::new();
         {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
@@ -116,20 +123,13 @@ impl ConsumerContext for ConsumerCtx {
                     worker.stop.cancel();
                     revoked.push((key.clone(), worker));
                 }
-                if workers.held.remove(&key).is_some_and(|held| held.paused) {
-                    paused.add_partition(&key.0, key.1);
-                }
+                workers.partitions.remove(&key);
                 assigned.remove(&key);
                 self.metrics.lag.remove(&PartitionLabels {
                     topic: key.0,
                     partition: key.1.to_string(),
                 });
             }
-        }
-        if paused.count() > 0
-            && let Err(error) = consumer.resume(&paused)
-        {
-            tracing::warn!(%error, partitions = %describe(&paused), "cannot resume revoked partitions");
         }
         // A lost assignment is already someone else's: nothing of it will be
         // committed, so its work is abandoned at once.
@@ -147,10 +147,25 @@ impl ConsumerContext for ConsumerCtx {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+                let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                // Split here, before the partitions' first records are
+                // fetched: they then arrive on their own queues.
+                let consumer = self.consumer.get().and_then(Weak::upgrade);
                 for element in tpl.elements() {
-                    assigned.insert((element.topic().to_owned(), element.partition()));
+                    let key = (element.topic().to_owned(), element.partition());
+                    let queue = consumer.as_ref().and_then(|c| c.split_partition_queue(&key.0, key.1));
+                    let Some(mut queue) = queue else {
+                        tracing::warn!(partition = %describe(tpl), "cannot split a partition's queue");
+                        continue;
+                    };
+                    let wake = self.wake.clone();
+                    queue.set_nonempty_callback(move || wake.wake());
+                    workers.partitions.entry(key.clone()).or_default().queue = Some(queue);
+                    assigned.insert(key);
                 }
-                drop(assigned);
+                drop((assigned, workers));
+                // The fetch loop may have gone to sleep on the old assignment.
+                self.wake.wake();
                 tracing::info!(partitions = %describe(tpl), "partitions assigned")
             }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),

@@ -1,18 +1,20 @@
-//! The fetch loop, on a thread of its own: polls the client and hands each
-//! record to its partition's worker, holding (and at a limit pausing) a
-//! partition whose worker's buffer is full.
+//! The fetch loop, on a thread of its own: serves the client's events
+//! (rebalances, statistics, errors) and moves each assigned partition's
+//! records from the partition's own queue to its worker while the worker's
+//! buffer has room. A partition whose worker is full is simply not read: its
+//! records stay in librdkafka's queue, which stops fetching for it at its
+//! prefetch bound, and nothing is dropped or fetched twice.
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Condvar, Mutex, atomic::AtomicUsize},
     time::Duration,
 };
 
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, Consumer, base_consumer::PartitionQueue},
     error::{KafkaError, KafkaResult},
     message::{Message, OwnedMessage},
-    topic_partition_list::TopicPartitionList,
 };
 use tokio::{
     runtime::Handle,
@@ -24,61 +26,75 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Key,
     callbacks::ConsumerCtx,
-    describe,
-    worker::{Worker, WorkerControl, record_bytes, run_worker},
+    worker::{Worker, WorkerControl, run_worker},
 };
 use crate::processor::Processor;
 
 /// Pause after a fetch error, so that a burst of errors cannot spin the loop.
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// How long one poll waits for an event: the fetch loop notices shutdown
-/// within it.
-const POLL_IDLE: Duration = Duration::from_millis(100);
+/// How long the loop sleeps with nothing to move: the client's events
+/// (rebalances, statistics) and shutdown are served within it; a record
+/// arriving on a partition queue wakes it at once.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-/// How long one poll waits while records are held: they go to their worker
-/// (and a paused partition resumes) within it once the worker has room.
-const POLL_HOLDING: Duration = Duration::from_millis(5);
+/// How long the loop sleeps while a worker's buffer is full: its partition
+/// is read again within it once the worker has room.
+const FULL_WAIT: Duration = Duration::from_millis(5);
 
-/// The workers of the assigned partitions, the records held for the paused
-/// ones, and the `done` signals of revoked workers that may still be
-/// finishing a record: a new worker for the same partition (an eager
-/// rebalance revokes everything and often hands the same partitions back)
-/// waits for its predecessor, so one partition is never handled by two tasks
-/// at once.
+/// The workers of the assigned partitions, the partitions' queues, and the
+/// `done` signals of revoked workers that may still be finishing a record: a
+/// new worker for the same partition (an eager rebalance revokes everything
+/// and often hands the same partitions back) waits for its predecessor, so
+/// one partition is never handled by two tasks at once.
 #[derive(Debug, Default)]
 pub(super) struct Workers {
     pub(super) active: HashMap<Key, Worker>,
-    /// Records of partitions whose buffers were full.
-    pub(super) held: HashMap<Key, Held>,
+    pub(super) partitions: HashMap<Key, Partition>,
     pub(super) retiring: HashMap<Key, CancellationToken>,
 }
 
-/// The records of one partition waiting for room in its worker's buffer.
-#[derive(Debug, Default)]
-pub(super) struct Held {
-    /// Oldest first.
-    records: VecDeque<OwnedMessage>,
-    /// Their [`record_bytes`].
-    bytes: usize,
-    /// Whether the partition is paused: set once `bytes` reach the hold
-    /// limit, cleared once they are down to half of it.
-    pub(super) paused: bool,
+/// An assigned partition's records on their way to its worker.
+#[derive(Default)]
+pub(super) struct Partition {
+    /// The partition's own queue, split from the consumer's when it was
+    /// assigned ([`BaseConsumer::split_partition_queue`]).
+    pub(super) queue: Option<PartitionQueue<ConsumerCtx>>,
+    /// Records taken from a queue that the worker had no room for, oldest
+    /// first: one from the partition's queue, or any that came through the
+    /// consumer's queue before the split. They go before the queue's.
+    pending: VecDeque<OwnedMessage>,
 }
 
-impl Held {
-    fn push(&mut self, message: OwnedMessage) {
-        self.bytes += record_bytes(&message);
-        self.records.push_back(message);
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("pending", &self.pending.len())
+            .finish()
     }
 }
 
-impl Workers {
-    /// The active worker of `topic`/`partition`. A scan instead of a lookup:
-    /// a member has a handful of partitions, and a lookup would allocate the
-    /// topic name for every record.
-    fn find(&mut self, topic: &str, partition: i32) -> Option<(&Key, &mut Worker)> {
-        self.active.iter_mut().find(|((t, p), _)| *p == partition && t == topic)
+/// Wakes the fetch loop when a partition queue gets records.
+#[derive(Debug, Default)]
+pub(super) struct Wake {
+    woken: Mutex<bool>,
+    signal: Condvar,
+}
+
+impl Wake {
+    pub(super) fn wake(&self) {
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.signal.notify_one();
+    }
+
+    /// Sleeps until woken (or woken since the last sleep) or `timeout`.
+    fn sleep(&self, timeout: Duration) {
+        let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut woken, _) = self
+            .signal
+            .wait_timeout_while(woken, timeout, |woken| !*woken)
+            .unwrap_or_else(|e| e.into_inner());
+        *woken = false;
     }
 }
 
@@ -86,10 +102,10 @@ impl Workers {
 pub(super) struct Fetcher {
     pub(super) consumer: Arc<BaseConsumer<ConsumerCtx>>,
     pub(super) workers: Arc<Mutex<Workers>>,
+    pub(super) wake: Arc<Wake>,
     pub(super) processor: Arc<Processor>,
     pub(super) buffer: usize,
     pub(super) buffer_bytes: usize,
-    pub(super) hold_bytes: usize,
     pub(super) shutdown: CancellationToken,
     pub(super) orphaned: CancellationToken,
     pub(super) runtime: Handle,
@@ -97,31 +113,41 @@ pub(super) struct Fetcher {
 }
 
 impl Fetcher {
-    /// Polls until shutdown or a fatal error, then lets the workers finish
-    /// their records in hand for at most `grace`.
+    /// Serves the client and moves records until shutdown or a fatal error,
+    /// then lets the workers finish their records in hand for at most `grace`.
     pub(super) fn run(mut self, grace: Duration) -> KafkaResult<()> {
-        let outcome = loop {
+        let outcome = 'fetch: loop {
             if self.shutdown.is_cancelled() || self.orphaned.is_cancelled() {
                 break Ok(());
             }
-            let holding = self.hand_on_held();
-            let polled = self.consumer.poll(if holding { POLL_HOLDING } else { POLL_IDLE });
-            match polled {
-                None => {}
-                Some(Ok(message)) => {
-                    let message = message.detach();
-                    self.dispatch(message);
-                }
-                Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
-                    tracing::error!(%error, "fatal consumer error; stopping");
-                    break Err(error);
-                }
-                Some(Err(error)) => {
-                    if let Some(suppressed) = self.consumer.context().errors.check() {
-                        tracing::warn!(%error, suppressed, "fetch failed; the client keeps reconnecting");
+            // The client's events; records only for a partition between its
+            // assignment and the split of its queue.
+            let mut moved = false;
+            while let Some(polled) = self.consumer.poll(Duration::ZERO) {
+                match polled {
+                    Ok(message) => {
+                        let message = message.detach();
+                        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                        let key = (message.topic().to_owned(), message.partition());
+                        workers.partitions.entry(key).or_default().pending.push_back(message);
+                        moved = true;
                     }
-                    std::thread::sleep(ERROR_PAUSE);
+                    Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
+                        tracing::error!(%error, "fatal consumer error; stopping");
+                        break 'fetch Err(error);
+                    }
+                    Err(error) => {
+                        if let Some(suppressed) = self.consumer.context().errors.check() {
+                            tracing::warn!(%error, suppressed, "fetch failed; the client keeps reconnecting");
+                        }
+                        std::thread::sleep(ERROR_PAUSE);
+                        break;
+                    }
                 }
+            }
+            let (handed, full) = self.hand_on();
+            if !(moved || handed) {
+                self.wake.sleep(if full { FULL_WAIT } else { IDLE_WAIT });
             }
             // Reap finished workers so the set does not grow.
             while self.tasks.try_join_next().is_some() {}
@@ -131,7 +157,7 @@ impl Fetcher {
         {
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             workers.active.clear();
-            workers.held.clear();
+            workers.partitions.clear();
         }
         if self.orphaned.is_cancelled() {
             // The runtime is gone, and the workers with it.
@@ -151,115 +177,56 @@ impl Fetcher {
         outcome
     }
 
-    /// Hands `message` to its partition's worker. When the worker's buffer is
-    /// full the record is held, and so is every later record of that
-    /// partition, in order; once the held records reach the hold limit the
-    /// partition is paused. The client then drops what it had prefetched for
-    /// the partition and, on resume, fetches again from the position after
-    /// the last record it returned, so nothing is skipped; a record fetched
-    /// twice is recognised by its offset and dropped. Holding before pausing
-    /// spares a busy partition a refetch of its prefetched records every time
-    /// its buffer fills.
-    fn dispatch(&mut self, message: OwnedMessage) {
-        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    /// Moves records to the workers, each partition's in order, as far as
+    /// their buffers have room. Returns whether any moved, and whether a
+    /// worker's buffer is full.
+    fn hand_on(&mut self) -> (bool, bool) {
         let workers = self.workers.clone();
         let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
-        let holding = !workers.held.is_empty();
-        let key = match workers.find(topic, partition) {
-            Some((_, worker)) if offset < worker.next_offset => {
-                tracing::debug!(
-                    topic,
-                    partition,
-                    offset,
-                    "record fetched again after a pause; already in hand"
-                );
-                return;
-            }
-            Some((key, worker)) => {
-                worker.next_offset = offset + 1;
-                key.clone()
-            }
-            None => self.spawn_worker(&mut workers, &message),
-        };
-        if let Some(held) = workers.held.get_mut(&key).filter(|_| holding) {
-            held.push(message);
-        } else {
-            match workers.active.get(&key).map(|w| w.offer(message, self.buffer_bytes)) {
-                Some(Err(TrySendError::Full(message))) => workers.held.entry(key.clone()).or_default().push(message),
-                // Sent; or the worker has stopped (shutdown) and the record is
-                // left uncommitted, for redelivery.
-                _ => return,
-            }
-        }
-        if let Some(held) = workers.held.get_mut(&key)
-            && !held.paused
-            && held.bytes >= self.hold_bytes
-        {
-            held.paused = true;
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&key.0, key.1);
-            match self.consumer.pause(&tpl) {
-                Ok(()) => {
-                    tracing::debug!(partition = %describe(&tpl), "partition buffer and hold full; partition paused")
+        let Workers {
+            active,
+            partitions,
+            retiring,
+        } = &mut *workers;
+        let (mut moved, mut full) = (false, false);
+        for (key, partition) in partitions.iter_mut() {
+            loop {
+                let message = match partition.pending.pop_front() {
+                    Some(message) => message,
+                    None => match partition.queue.as_ref().and_then(|q| q.poll(Duration::ZERO)) {
+                        Some(Ok(message)) => message.detach(),
+                        Some(Err(error)) => {
+                            if let Some(suppressed) = self.consumer.context().errors.check() {
+                                tracing::warn!(%error, suppressed, "fetch failed; the client keeps reconnecting");
+                            }
+                            break;
+                        }
+                        None => break,
+                    },
+                };
+                if !active.contains_key(key) {
+                    let worker = self.spawn_worker(retiring, key);
+                    active.insert(key.clone(), worker);
                 }
-                Err(error) => tracing::warn!(%error, partition = %describe(&tpl), "cannot pause a partition"),
-            }
-        }
-    }
-
-    /// Moves held records to their workers as far as the buffers have room
-    /// and resumes the paused partitions whose held records are down to half
-    /// the hold limit (their records keep coming while the worker works
-    /// through the rest). Returns whether records are still held.
-    fn hand_on_held(&mut self) -> bool {
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if workers.held.is_empty() {
-            return false;
-        }
-        let Workers { active, held, .. } = &mut *workers;
-        let (buffer_bytes, hold_bytes) = (self.buffer_bytes, self.hold_bytes);
-        let mut resume = TopicPartitionList::new();
-        held.retain(|key, held| {
-            let worker = active.get(key);
-            while let Some(message) = held.records.pop_front() {
-                let bytes = record_bytes(&message);
-                match worker.map(|w| w.offer(message, buffer_bytes)) {
-                    Some(Ok(())) => held.bytes -= bytes,
-                    Some(Err(TrySendError::Full(message))) => {
-                        held.records.push_front(message);
+                match active[key].offer(message, self.buffer_bytes) {
+                    Ok(()) => moved = true,
+                    Err(TrySendError::Full(message)) => {
+                        partition.pending.push_front(message);
+                        full = true;
                         break;
                     }
-                    // Without a worker to take them (it stopped) the records
-                    // are left uncommitted, for redelivery.
-                    _ => {
-                        held.records.clear();
-                        held.bytes = 0;
-                    }
+                    // The worker has stopped (shutdown): the record is left
+                    // uncommitted, for redelivery.
+                    Err(TrySendError::Closed(_)) => break,
                 }
-            }
-            if held.paused && held.bytes * 2 <= hold_bytes {
-                held.paused = false;
-                resume.add_partition(&key.0, key.1);
-            }
-            !held.records.is_empty() || held.paused
-        });
-        let holding = !held.is_empty();
-        drop(workers);
-        if resume.count() > 0 {
-            match self.consumer.resume(&resume) {
-                Ok(()) => {
-                    tracing::debug!(partitions = %describe(&resume), "held records handed on; partitions resumed")
-                }
-                Err(error) => tracing::warn!(%error, partitions = %describe(&resume), "cannot resume partitions"),
             }
         }
-        holding
+        (moved, full)
     }
 
-    fn spawn_worker(&mut self, workers: &mut Workers, message: &OwnedMessage) -> Key {
-        let key = (message.topic().to_owned(), message.partition());
-        let after = workers.retiring.remove(&key);
-        workers.retiring.retain(|_, done| !done.is_cancelled());
+    fn spawn_worker(&mut self, retiring: &mut HashMap<Key, CancellationToken>, key: &Key) -> Worker {
+        let after = retiring.remove(key);
+        retiring.retain(|_, done| !done.is_cancelled());
         let (tx, rx) = mpsc::channel(self.buffer);
         let waiting = Arc::new(AtomicUsize::new(0));
         let stop = self.shutdown.child_token();
@@ -280,18 +247,13 @@ impl Fetcher {
             ),
             &self.runtime,
         );
-        workers.active.insert(
-            key.clone(),
-            Worker {
-                tx,
-                waiting,
-                stop,
-                abandon,
-                done,
-                task,
-                next_offset: message.offset() + 1,
-            },
-        );
-        key
+        Worker {
+            tx,
+            waiting,
+            stop,
+            abandon,
+            done,
+            task,
+        }
     }
 }

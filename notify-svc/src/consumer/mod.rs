@@ -1,12 +1,11 @@
-//! The consumer-group member: a fetch loop on a thread of its own polls the
-//! client (records, rebalances, statistics) and hands each record to its
-//! partition's worker through a bounded buffer; records of a partition are
-//! handled in order and partitions proceed independently. When one
-//! partition's buffer is full its further records are held in order, up to
-//! as many bytes as the client prefetches per partition, and then that
-//! partition alone is paused until its worker catches up, so a slow partition
-//! never stops the others, the group membership or the statistics readiness
-//! is built on.
+//! The consumer-group member: a fetch loop on a thread of its own serves the
+//! client (rebalances, statistics) and hands each record to its partition's
+//! worker through a bounded buffer; records of a partition are handled in
+//! order and partitions proceed independently. Each assigned partition has
+//! its own client queue, so when one partition's buffer is full that queue is
+//! simply not read until its worker catches up (the client stops fetching
+//! the partition at its prefetch bound), and a slow partition never stops
+//! the others, the group membership or the statistics readiness is built on.
 //! Each record's offset is stored only after it is handled; stored offsets are
 //! committed periodically (librdkafka's auto-commit of *stored* offsets), on
 //! revoke (after the revoked partitions' work in hand has finished or been
@@ -39,7 +38,7 @@ use crate::{
     processor::Processor,
     throttle::{ERROR_LOG_INTERVAL, Throttled},
 };
-use fetch::{Fetcher, Workers};
+use fetch::{Fetcher, Wake, Workers};
 
 /// librdkafka statistics interval: feeds `kafka_consumer_lag` and readiness.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
@@ -109,13 +108,10 @@ pub struct Pipeline {
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     workers: Arc<Mutex<Workers>>,
     processor: Arc<Processor>,
+    wake: Arc<Wake>,
     buffer: usize,
     buffer_bytes: usize,
-    hold_bytes: usize,
 }
-
-/// librdkafka's default `queued.max.messages.kbytes`.
-const DEFAULT_HOLD_KBYTES: usize = 65_536;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,9 +125,8 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// Creates the consumer (not yet subscribed). `buffer` records, of at
     /// most `buffer_bytes` together, may wait per partition for its worker;
-    /// beyond them the partition's records are held up to
-    /// `queued.max.messages.kbytes` (the client's own prefetch bound per
-    /// partition), and then the partition is paused.
+    /// beyond them the partition's records wait in the client, which
+    /// prefetches up to `queued.max.messages.kbytes` per partition.
     pub fn new(
         config: &rdkafka::ClientConfig,
         processor: Arc<Processor>,
@@ -141,27 +136,26 @@ impl Pipeline {
         buffer_bytes: usize,
     ) -> KafkaResult<Self> {
         let workers = Arc::new(Mutex::new(Workers::default()));
+        let wake = Arc::new(Wake::default());
         let context = ConsumerCtx {
             workers: workers.clone(),
+            consumer: OnceLock::new(),
+            wake: wake.clone(),
             assigned: Mutex::new(HashSet::new()),
             metrics,
             health,
             errors: Throttled::new(ERROR_LOG_INTERVAL),
             drain: OnceLock::new(),
         };
-        let hold_bytes = config
-            .get("queued.max.messages.kbytes")
-            .and_then(|kbytes| kbytes.trim().parse::<usize>().ok())
-            .unwrap_or(DEFAULT_HOLD_KBYTES)
-            .saturating_mul(1024);
-        let consumer: BaseConsumer<ConsumerCtx> = config.create_with_context(context)?;
+        let consumer = Arc::new(config.create_with_context::<_, BaseConsumer<ConsumerCtx>>(context)?);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         Ok(Self {
-            consumer: Arc::new(consumer),
+            consumer,
             workers,
             processor,
+            wake,
             buffer,
             buffer_bytes,
-            hold_bytes,
         })
     }
 
@@ -197,7 +191,7 @@ impl Pipeline {
             processor: self.processor,
             buffer: self.buffer.max(1),
             buffer_bytes: self.buffer_bytes,
-            hold_bytes: self.hold_bytes,
+            wake: self.wake,
             shutdown,
             orphaned,
             runtime,

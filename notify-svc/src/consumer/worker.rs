@@ -46,11 +46,6 @@ pub(super) struct Worker {
     /// Cancelled when the worker's task has ended (returned or aborted).
     pub(super) done: CancellationToken,
     pub(super) task: AbortHandle,
-    /// The offset after the last record handed to this worker or held for it.
-    /// A record below it is one the client fetched again (it refetches a
-    /// resumed partition from the position the application reached) and is
-    /// already on its way.
-    pub(super) next_offset: i64,
 }
 
 /// What a record takes in a partition buffer: its value, key and headers.

@@ -52,6 +52,7 @@ impl Backend {
         if url.starts_with("sqlite:") {
             Ok(Backend::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            check_postgres_tls(url)?;
             Ok(Backend::Postgres)
         } else {
             Err(Error::Config(
@@ -59,6 +60,35 @@ impl Backend {
             ))
         }
     }
+}
+
+/// The `sslmode` values libpq (and sqlx, built with rustls) knows.
+const SSL_MODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+
+/// Checks a PostgreSQL URL's TLS parameters before connecting, so a typo is
+/// named as such instead of surfacing as a connection failure; the URL itself
+/// is never shown (it may carry a password).
+fn check_postgres_tls(url: &str) -> Result<(), Error> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for (key, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+        match key {
+            "sslmode" | "ssl-mode" if !SSL_MODES.contains(&value.to_ascii_lowercase().as_str()) => {
+                return Err(Error::Config(format!(
+                    "DATABASE_URL: {key}={value:?} is not one of {}",
+                    SSL_MODES.join(", ")
+                )));
+            }
+            "sslrootcert" | "ssl-root-cert" if !std::path::Path::new(value).is_file() => {
+                return Err(Error::Config(format!(
+                    "DATABASE_URL: {key}={value:?} is not a readable file"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// An order as stored: the order itself and its event's id.

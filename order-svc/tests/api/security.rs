@@ -22,14 +22,14 @@ struct Pki {
     stranger_key_pem: String,
 }
 
-fn make_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+pub(crate) fn make_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-fn leaf(
+pub(crate) fn leaf(
     issuer: &CertifiedIssuer<'static, KeyPair>,
     names: &[&str],
     usage: ExtendedKeyUsagePurpose,

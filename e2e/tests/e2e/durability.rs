@@ -9,9 +9,9 @@
 //! the orders back as a user would.
 //!
 //! Each run creates 2,000 orders (`DURABILITY_ORDERS` sets another number).
-//! order-svc refuses to start while the broker is unreachable (the start-up
-//! check that catches a wrong address), so during the broker outage the
-//! killer holds off: kills happen before and after it.
+//! The killer goes on during the broker outage: order-svc starts while the
+//! broker does not answer (its outbox holds the events), so the processes
+//! restarted then take orders too.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,7 +30,7 @@ use prost::Message as _;
 use testkit::{Broker, Postgres, free_port};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::helpers::{OrderSvc, broker_with_topic, order, own_broker_with_topic};
+use crate::helpers::{OrderSvc, broker_with_topic, order, own_broker_with_topic, sqlite_url, store_dir};
 
 /// A number in `range`, from a small xorshift generator seeded by the clock
 /// (the moments only need to vary, not to be unpredictable).
@@ -86,6 +86,8 @@ impl Instance {
             ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
             ("DATABASE_URL", database_url.to_owned()),
             ("PUBLISH_TIMEOUT", "2s".to_owned()),
+            // A restart during the broker outage waits this long for it.
+            ("KAFKA_STARTUP_TIMEOUT", "2s".to_owned()),
         ];
         let mut instance = Self {
             grpc,
@@ -196,29 +198,28 @@ async fn create_all(
 }
 
 /// Kills a random instance at random moments (200 ms to 1.5 s apart) and
-/// starts it again, until `done`; holds off while `hold` is set. Returns how
+/// starts it again, until `done`, counting the kills in `kills`. Returns how
 /// many kills there were.
 async fn killer(
     instances: Arc<tokio::sync::Mutex<Vec<Instance>>>,
     brokers: String,
     topic: String,
     done: Arc<AtomicBool>,
-    hold: Arc<AtomicBool>,
+    kills: Arc<AtomicUsize>,
 ) -> usize {
-    let mut kills = 0;
     while !done.load(Ordering::Relaxed) {
         let pause = random_in(200..1500) as u64;
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        if done.load(Ordering::Relaxed) || hold.load(Ordering::Relaxed) {
+        if done.load(Ordering::Relaxed) {
             continue;
         }
         let mut instances = instances.lock().await;
         let which = random_in(0..instances.len());
         instances[which].kill().await;
-        kills += 1;
+        kills.fetch_add(1, Ordering::Relaxed);
         instances[which].restart(&brokers, &topic).await;
     }
-    kills
+    kills.load(Ordering::Relaxed)
 }
 
 /// Every key names one order in the store, the one its OK answered; every
@@ -302,20 +303,18 @@ async fn check(addr: SocketAddr, broker: &Broker, topic: &str, answered: &HashMa
 async fn sigkill_at_random_moments_loses_no_acknowledged_order() {
     let n = orders_to_create();
     let (broker, topic) = broker_with_topic("durable", 3).await;
-    let database = format!(
-        "sqlite://{}",
-        std::env::temp_dir().join(format!("{topic}.db")).display()
-    );
+    let store = store_dir(&topic);
+    let database = sqlite_url(&store);
     let instance = Instance::start(&broker.addr(), &topic, &database).await;
     let addr = instance.grpc;
     let instances = Arc::new(tokio::sync::Mutex::new(vec![instance]));
-    let (done, hold) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let done = Arc::new(AtomicBool::new(false));
     let killing = tokio::spawn(killer(
         instances.clone(),
         broker.addr(),
         topic.clone(),
         done.clone(),
-        hold,
+        Arc::default(),
     ));
     let started = Instant::now();
     let answered = create_all(&[addr], n, done, Arc::default()).await;
@@ -334,20 +333,18 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_order() {
 async fn sigkill_at_random_moments_with_the_broker_down_for_30_s_in_the_middle() {
     let n = orders_to_create();
     let (mut broker, topic) = own_broker_with_topic("durable-outage", 3).await;
-    let database = format!(
-        "sqlite://{}",
-        std::env::temp_dir().join(format!("{topic}.db")).display()
-    );
+    let store = store_dir(&topic);
+    let database = sqlite_url(&store);
     let instance = Instance::start(&broker.addr(), &topic, &database).await;
     let addr = instance.grpc;
     let instances = Arc::new(tokio::sync::Mutex::new(vec![instance]));
-    let (done, hold) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (done, kills) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
     let killing = tokio::spawn(killer(
         instances.clone(),
         broker.addr(),
         topic.clone(),
         done.clone(),
-        hold.clone(),
+        kills.clone(),
     ));
     let ok = Arc::new(AtomicUsize::new(0));
     let creating = tokio::spawn({
@@ -360,24 +357,25 @@ async fn sigkill_at_random_moments_with_the_broker_down_for_30_s_in_the_middle()
         async move { (ok.load(Ordering::Relaxed) >= n / 2).then_some(()) }
     })
     .await;
-    // The killer holds off (a restart needs the broker); wait for a restart
-    // in progress to finish, then take the broker away for 30 s.
-    hold.store(true, Ordering::Relaxed);
-    let guard = instances.lock().await;
+    // Take the broker away for 30 s; the killer goes on.
     tokio::task::block_in_place(|| broker.stop());
-    drop(guard);
     let outage = Instant::now();
-    let before_outage = ok.load(Ordering::Relaxed);
+    let (before_outage, kills_before) = (ok.load(Ordering::Relaxed), kills.load(Ordering::Relaxed));
     tokio::time::sleep(Duration::from_secs(30)).await;
     let during_outage = ok.load(Ordering::Relaxed) - before_outage;
+    let kills_during = kills.load(Ordering::Relaxed) - kills_before;
     broker.restart().await.expect("the broker restarts");
     println!(
-        "broker down for {:?}: {before_outage} orders answered OK before, {during_outage} during the outage",
+        "broker down for {:?}: {before_outage} orders answered OK before, {during_outage} during the outage, \
+         {kills_during} SIGKILLs and restarts during it",
         outage.elapsed()
     );
     assert!(before_outage > 0, "the outage is in the middle: orders before it");
     assert!(during_outage > 0, "orders are answered OK while the broker is down");
-    hold.store(false, Ordering::Relaxed);
+    assert!(
+        kills_during > 0,
+        "order-svc was killed and started again while the broker was down"
+    );
     let answered = creating.await.unwrap();
     let kills = killing.await.unwrap();
     println!("{kills} SIGKILLs");
@@ -398,13 +396,13 @@ async fn two_instances_on_postgres_killed_at_random_moments_answer_each_key_with
     let b = Instance::start(&broker.addr(), &topic, &database).await;
     let addrs = [a.grpc, b.grpc];
     let instances = Arc::new(tokio::sync::Mutex::new(vec![a, b]));
-    let (done, hold) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let done = Arc::new(AtomicBool::new(false));
     let killing = tokio::spawn(killer(
         instances.clone(),
         broker.addr(),
         topic.clone(),
         done.clone(),
-        hold,
+        Arc::default(),
     ));
     let answered = create_all(&addrs, n, done, Arc::default()).await;
     let kills = killing.await.unwrap();

@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     process::ExitStatus,
     sync::{
-        Arc, Mutex,
+        Arc, LazyLock, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -58,11 +58,42 @@ async fn topic_on(broker: Broker, prefix: &str, partitions: i32) -> (Broker, Str
 pub(crate) struct OrderSvc {
     pub(crate) service: Service,
     pub(crate) grpc_addr: SocketAddr,
+    /// The directory of its SQLite store, unless the test chose the store.
+    _store: Option<Arc<tempfile::TempDir>>,
+}
+
+/// The temporary directories of the topics' SQLite stores, while some
+/// order-svc (or test) of the topic holds one.
+static STORES: LazyLock<Mutex<HashMap<String, Weak<tempfile::TempDir>>>> = LazyLock::new(Mutex::default);
+
+/// The store directory of `topic`: the same one while anything holds it, so a
+/// restarted order-svc on the topic finds its orders; removed with the last
+/// holder (nothing is left in /tmp).
+pub(crate) fn store_dir(topic: &str) -> Arc<tempfile::TempDir> {
+    let mut stores = STORES.lock().unwrap();
+    stores.retain(|_, dir| dir.strong_count() > 0);
+    if let Some(dir) = stores.get(topic).and_then(Weak::upgrade) {
+        return dir;
+    }
+    let dir = Arc::new(
+        tempfile::Builder::new()
+            .prefix("e2e-order-store-")
+            .tempdir()
+            .expect("a temporary directory"),
+    );
+    stores.insert(topic.to_owned(), Arc::downgrade(&dir));
+    dir
+}
+
+/// The `DATABASE_URL` of a SQLite store in `dir`.
+pub(crate) fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("orders.db").display())
 }
 
 impl OrderSvc {
     /// Starts order-svc on free ports against `brokers`/`topic`, with `extra`
-    /// variables on top, and waits until it serves.
+    /// variables on top, and waits until it serves. Without a `DATABASE_URL`
+    /// in `extra` it uses the topic's SQLite store ([`store_dir`]).
     pub(crate) async fn start(brokers: &str, topic: &str, extra: &[(&str, String)]) -> Self {
         let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut env = vec![
@@ -71,19 +102,20 @@ impl OrderSvc {
             ("KAFKA_BROKERS", brokers.to_owned()),
             ("ORDERS_TOPIC", topic.to_owned()),
             ("KAFKA_OPTIONS", BrokerKind::from_env().client_options().to_owned()),
-            // One store per topic: a restart on the same topic finds its orders.
-            (
-                "DATABASE_URL",
-                format!(
-                    "sqlite://{}",
-                    std::env::temp_dir().join(format!("{topic}.db")).display()
-                ),
-            ),
         ];
+        let store = (!extra.iter().any(|(k, _)| *k == "DATABASE_URL")).then(|| {
+            let dir = store_dir(topic);
+            env.push(("DATABASE_URL", sqlite_url(&dir)));
+            dir
+        });
         env.extend(extra.iter().cloned());
         let service = Service::spawn("order-svc", &env).expect("order-svc starts");
         service.wait_for_line(&["order-svc serving"], START_TIMEOUT).await;
-        Self { service, grpc_addr }
+        Self {
+            service,
+            grpc_addr,
+            _store: store,
+        }
     }
 
     /// A generated tonic client connected to it.

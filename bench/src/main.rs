@@ -31,8 +31,10 @@ enum Cmd {
     /// Drive one OrderService endpoint, closed loop (--concurrency) or open
     /// loop (--rate).
     Loadgen(LoadArgs),
-    /// Serve the OrderService ceiling: ceiling 1 (bare tonic), or with
-    /// --brokers ceiling 2 (one produce per call).
+    /// Serve the OrderService ceiling: ceiling 1 (bare tonic), with
+    /// --brokers ceiling 2 (one produce per call), with --database-url
+    /// ceiling 5 (order-svc's store transaction per call), with both
+    /// ceiling 6 (the transaction, then the produce).
     #[command(alias = "serve-bare")]
     ServeCeiling(CeilingArgs),
     /// Count CPU instructions per CreateOrder call (valgrind callgrind,
@@ -153,10 +155,24 @@ struct AllArgs {
     /// Every process on every CPU, even on 4 or more.
     #[arg(long)]
     no_pin: bool,
+    /// The store of order-svc and of ceilings 5 and 6, a fresh one each:
+    /// SQLite files in the run's directory, or databases on a PostgreSQL
+    /// server started as the tests start it (testkit).
+    #[arg(long, value_enum, default_value_t = Store::Sqlite)]
+    store: Store,
     /// KEY=VALUE environment for the catch-up notify-svc (tuning
     /// experiments, e.g. RUST_LOG=warn or DEDUP_CACHE_SIZE=10000); repeatable.
     #[arg(long, value_parser = parse_env)]
     notify_env: Vec<(String, String)>,
+}
+
+/// Which store `bench all` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Store {
+    /// SQLite (order-svc's default, embedded).
+    Sqlite,
+    /// PostgreSQL (testkit's server; Debian's postgresql package).
+    Postgres,
 }
 
 /// Which broker `bench all` runs on.
@@ -231,6 +247,10 @@ struct CeilingArgs {
     /// librdkafka properties over order-svc's producer defaults.
     #[arg(long, default_value = "")]
     kafka_options: KafkaOptions,
+    /// Commit each call's order to this store first (order-svc's
+    /// DATABASE_URL syntax): ceiling 5, or with --brokers ceiling 6.
+    #[arg(long)]
+    database_url: Option<String>,
     /// Leave Nagle's algorithm on for accepted connections.
     #[arg(long)]
     no_nodelay: bool,
@@ -274,6 +294,10 @@ async fn main() -> anyhow::Result<()> {
                 out: a.out,
                 catchup_only: a.catchup_only,
                 notify_env: a.notify_env,
+                store: match a.store {
+                    Store::Sqlite => run::StoreKind::Sqlite,
+                    Store::Postgres => run::StoreKind::Postgres,
+                },
                 placement: procs::Placement::plan(match (a.pin, a.no_pin) {
                     (true, _) => Some(true),
                     (_, true) => Some(false),
@@ -334,7 +358,7 @@ async fn main() -> anyhow::Result<()> {
                 topic: a.topic.unwrap_or_default(),
                 options: a.kafka_options,
             });
-            grpc_ceiling::serve(a.addr, kafka, !a.no_nodelay).await
+            grpc_ceiling::serve(a.addr, kafka, a.database_url, !a.no_nodelay).await
         }
     }
 }

@@ -73,6 +73,50 @@ pub struct Settings {
     pub notify_env: Vec<(String, String)>,
     /// Which CPUs the servers under test, the broker and the generator use.
     pub placement: procs::Placement,
+    /// The store of order-svc and of ceilings 5 and 6.
+    pub store: StoreKind,
+}
+
+/// Which database order-svc and the store ceilings commit to: each its own,
+/// created for the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// One SQLite file each in the run's directory.
+    Sqlite,
+    /// One database each on a PostgreSQL server testkit starts for the run.
+    Postgres,
+}
+
+impl StoreKind {
+    /// The store's durability setting, for the report: SQLite as order-svc's
+    /// store.rs opens it, PostgreSQL as testkit starts it.
+    pub fn durability(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => {
+                "SQLite, a file per server in the run's directory, as order-svc opens it: journal_mode=WAL, \
+                 synchronous=FULL (each commit fsyncs the WAL before CreateOrder answers: an OK survives a power loss)"
+            }
+            StoreKind::Postgres => {
+                "PostgreSQL as testkit starts it for the tests (a database per server, one server, co-located): \
+                 synchronous_commit=on (the default), fsync=off, full_page_writes=off (a commit waits for its WAL \
+                 write, which is never flushed: an OK survives a crash of any process, not a power loss)"
+            }
+        }
+    }
+
+    /// The ceiling labels of this store: (store transaction, + produce).
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            StoreKind::Sqlite => (
+                "ceiling 5: tonic + store transaction (SQLite)",
+                "ceiling 6: tonic + store transaction + produce (SQLite)",
+            ),
+            StoreKind::Postgres => (
+                "ceiling 5: tonic + store transaction (PostgreSQL)",
+                "ceiling 6: tonic + store transaction + produce (PostgreSQL)",
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -182,18 +226,57 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
 
     // Ceiling servers, each in its own process like the service.
     let exe = std::env::current_exe()?;
-    let mut ceiling1 = Proc::spawn("ceiling 1 server", ceiling_command(&s, &exe, None))?;
+    // Stores: a fresh one for order-svc and for each store ceiling, so no
+    // run starts on another's rows.
+    let postgres = match s.store {
+        StoreKind::Sqlite => None,
+        StoreKind::Postgres => Some(testkit::Postgres::start().await?),
+    };
+    let database_url = |name: &str| {
+        let postgres = postgres.clone();
+        let file = dir.join(format!("{name}.db"));
+        let database = format!("bench_{name}");
+        async move {
+            anyhow::Ok(match postgres {
+                None => format!("sqlite://{}", file.display()),
+                Some(pg) => pg.create_database(&database).await?,
+            })
+        }
+    };
+    let mut ceiling1 = Proc::spawn("ceiling 1 server", ceiling_command(&s, &exe, None, None))?;
     let ceiling1_url = format!(
         "http://{}",
         ceiling1.wait_for_line("listening on", Duration::from_secs(10)).await?
     );
     let mut ceiling2 = Proc::spawn(
         "ceiling 2 server",
-        ceiling_command(&s, &exe, Some((&brokers, &ceiling))),
+        ceiling_command(&s, &exe, Some((&brokers, &ceiling)), None),
     )?;
     let ceiling2_url = format!(
         "http://{}",
         ceiling2.wait_for_line("listening on", Duration::from_secs(10)).await?
+    );
+    let (ceiling5_label, ceiling6_label) = s.store.labels();
+    let mut ceiling5 = Proc::spawn(
+        "ceiling 5 server",
+        ceiling_command(&s, &exe, None, Some(&database_url("ceiling5").await?)),
+    )?;
+    let ceiling5_url = format!(
+        "http://{}",
+        ceiling5.wait_for_line("listening on", Duration::from_secs(30)).await?
+    );
+    let mut ceiling6 = Proc::spawn(
+        "ceiling 6 server",
+        ceiling_command(
+            &s,
+            &exe,
+            Some((&brokers, &ceiling)),
+            Some(&database_url("ceiling6").await?),
+        ),
+    )?;
+    let ceiling6_url = format!(
+        "http://{}",
+        ceiling6.wait_for_line("listening on", Duration::from_secs(30)).await?
     );
 
     // order-svc.
@@ -208,6 +291,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
                 .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
                 .env("KAFKA_OPTIONS", &opts)
+                .env("DATABASE_URL", database_url("orders").await?)
                 .env("RUST_LOG", "info")
                 .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .stdout(std::fs::File::create(dir.join("order-svc.log"))?)
@@ -385,12 +469,14 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         let targets = [
             (CEILING1, &ceiling1_url, ceiling1.pid()),
             (CEILING2, &ceiling2_url, ceiling2.pid()),
+            (ceiling5_label, &ceiling5_url, ceiling5.pid()),
+            (ceiling6_label, &ceiling6_url, ceiling6.pid()),
             (ORDER_SVC, &order_url, order_pid),
         ];
         let connections = s.connections.min(c).max(1);
-        // Rounds of all three back to back, the order reversed every other
-        // round (ceiling 1, ceiling 2, CreateOrder; then CreateOrder,
-        // ceiling 2, ceiling 1): the machine drifts by 10-20% within minutes
+        // Rounds of all targets back to back, the order reversed every other
+        // round (ceiling 1, 2, 5, 6, CreateOrder; then CreateOrder, ceiling
+        // 6, 5, 2, 1): the machine drifts by 10-20% within minutes
         // and runs that follow each other see the most similar machine, so
         // neither ceiling 2 nor CreateOrder always goes second. Rows pool
         // every round (calls over measured time, latencies merged).
@@ -445,9 +531,11 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
             note(
                 &mut r,
                 format!(
-                    "C={c}, all rounds pooled: CreateOrder / ceiling 2 = {}; CreateOrder / ceiling 1 = {}",
-                    ratio(2, 1),
-                    ratio(2, 0)
+                    "C={c}, all rounds pooled: CreateOrder / ceiling 6 = {}; CreateOrder / ceiling 5 = {}; CreateOrder / ceiling 2 = {}; CreateOrder / ceiling 1 = {}",
+                    ratio(4, 3),
+                    ratio(4, 2),
+                    ratio(4, 1),
+                    ratio(4, 0)
                 ),
             );
         }
@@ -495,6 +583,8 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
     let ceiling_peaks = (procs::peak_rss_mib(ceiling1.pid()), procs::peak_rss_mib(ceiling2.pid()));
     ceiling1.stop(Duration::from_secs(2)).await;
     ceiling2.stop(Duration::from_secs(2)).await;
+    ceiling5.stop(Duration::from_secs(2)).await;
+    ceiling6.stop(Duration::from_secs(2)).await;
 
     // Catch-up: pre-fill, raw drain (ceiling 4), then notify-svc.
     eprintln!("bench: pre-filling {catchup} with {} records", s.catchup_count);
@@ -745,9 +835,17 @@ fn kafka_version(libs: &std::path::Path) -> Option<String> {
     })
 }
 
-fn ceiling_command(s: &Settings, exe: &std::path::Path, kafka: Option<(&str, &str)>) -> Command {
+fn ceiling_command(
+    s: &Settings,
+    exe: &std::path::Path,
+    kafka: Option<(&str, &str)>,
+    database_url: Option<&str>,
+) -> Command {
     let mut command = s.placement.server_command(exe);
     command.args(["serve-ceiling", "--addr", "127.0.0.1:0"]);
+    if let Some(url) = database_url {
+        command.arg(format!("--database-url={url}"));
+    }
     if let Some((brokers, topic)) = kafka {
         command
             .args(["--brokers", brokers, "--topic", topic])
@@ -814,7 +912,15 @@ fn report(s: &Settings, r: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n## Results\n\nCPU placement {}; warm-up {:?}, closed-loop runs {:?} each, open loop {:?} at {}/s, {} partitions, broker: {}, KAFKA_OPTIONS {}\n",
+        "\n## Results\n\nStore: {}.\n\nCPU placement {}; warm-up {:?}, closed-loop runs {:?} each, open loop {:?} at {}/s, {} partitions, broker: {}, KAFKA_OPTIONS {}\n",
+        if s.order_svc_url.is_some() {
+            format!(
+                "ceilings 5 and 6 on {}; order-svc given by URL, its store unknown",
+                s.store.durability()
+            )
+        } else {
+            s.store.durability().to_owned()
+        },
         s.placement.describe(),
         s.warmup,
         s.duration,
@@ -856,6 +962,17 @@ fn report(s: &Settings, r: &Results) -> String {
     let _ = writeln!(out, "| target | measured | ceiling / bound | ratio | met |");
     let _ = writeln!(out, "|---|---|---|---|---|");
     let rate = |what, c| r.rates.get(&(what, c)).copied();
+    let ceiling6 = s.store.labels().1;
+    let (m, ce) = (rate(ORDER_SVC, 64), rate(ceiling6, 64));
+    let ratio = opt_ratio(m, ce);
+    let _ = writeln!(
+        out,
+        "| CreateOrder >= 0.8 x ceiling 6 (tonic + store transaction + produce) at C=64 | {} calls/s | {} calls/s | {} | {} |",
+        m.map_or("-".into(), |v| format!("{v:.0}")),
+        ce.map_or("-".into(), |v| format!("{v:.0}")),
+        ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        verdict(ratio.map(|x| x >= 0.8))
+    );
     for c in [64, 256] {
         let (m, ce) = (rate(ORDER_SVC, c), rate(CEILING2, c));
         let ratio = opt_ratio(m, ce);

@@ -164,6 +164,12 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
                 .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
                 .env("KAFKA_OPTIONS", s.kafka_options.to_string())
+                // A fresh SQLite store per measurement in the run's directory
+                // (order-svc's default would be orders.db where bench runs).
+                .env(
+                    "DATABASE_URL",
+                    format!("sqlite://{}", out.with_extension("db").display()),
+                )
                 .env("RUST_LOG", "info")
                 .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .stdout(std::fs::File::create(out.with_extension("stdout"))?);

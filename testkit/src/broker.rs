@@ -194,6 +194,7 @@ impl Broker {
     /// SCRAM-SHA-512 as `user` with `password`, with `topics` created.
     pub async fn start_with_tls_and_sasl(user: &str, password: &str, topics: &[(&str, i32)]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("broker-tls-").tempdir()?;
+        crate::remove_after_exit(dir.path());
         let security = Security {
             sasl: Some((user.to_owned(), password.to_owned())),
             tls: Some(Tls::create(dir.path())?),
@@ -251,6 +252,9 @@ impl Broker {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{kind:?}-").to_lowercase())
             .tempdir()?;
+        // The broker's process goes with the test process (its watchdog);
+        // its data goes a moment later.
+        crate::remove_after_exit(dir.path());
         let node = match kind {
             BrokerKind::Kafka => {
                 let (path, settings) = (dir.path().to_owned(), security.clone());

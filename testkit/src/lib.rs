@@ -102,6 +102,40 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// Kills `pid` with SIGKILL once this test process has exited, so a shared
+/// broker (never dropped) or a crashed test leaves nothing running.
+pub(crate) fn kill_after_exit(pid: u32) {
+    watch_parent(&format!("kill -9 {pid} 2>/dev/null"), Some(pid));
+}
+
+/// Removes `dir` once this test process has exited. A shared broker lives in
+/// a static that is never dropped, and a test that panics or is killed
+/// skips its destructors: without this, every such run leaves its broker's
+/// data (hundreds of MB) in the temporary folder until the disk fills.
+pub(crate) fn remove_after_exit(dir: &Path) {
+    // The pause lets the broker's own watchdog kill it first.
+    watch_parent(&format!("sleep 2; rm -rf '{}'", dir.display()), None);
+}
+
+/// Runs `then` in a detached shell once this test process (or `pid`, if
+/// given) has exited.
+pub(crate) fn watch_parent(then: &str, pid: Option<u32>) {
+    let alive = match pid {
+        Some(pid) => format!(
+            "kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null",
+            parent = std::process::id()
+        ),
+        None => format!("kill -0 {} 2>/dev/null", std::process::id()),
+    };
+    let script = format!("while {alive}; do sleep 1; done; {then}");
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 /// Path of a workspace binary built next to the running test
 /// (`target/<profile>/<name>`).
 pub fn bin_path(name: &str) -> PathBuf {

@@ -296,19 +296,12 @@ impl Drop for Inner {
 /// with it; SIGKILL if it lingers) and removes `dir` once this test process
 /// has exited.
 fn watchdog(pid: u32, dir: &Path) {
-    let script = format!(
-        "while kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         kill -QUIT {pid} 2>/dev/null; sleep 2; kill -9 {pid} 2>/dev/null; \
-         kill -0 {parent} 2>/dev/null || rm -rf '{dir}'",
+    let then = format!(
+        "kill -QUIT {pid} 2>/dev/null; sleep 2; kill -9 {pid} 2>/dev/null; kill -0 {parent} 2>/dev/null || rm -rf '{dir}'",
         parent = std::process::id(),
         dir = dir.display()
     );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    crate::watch_parent(&then, Some(pid));
 }
 
 #[cfg(test)]

@@ -217,25 +217,11 @@ impl KafkaNode {
             .stderr(log)
             .spawn()
             .context("cannot start Apache Kafka (java)")?;
-        watchdog(child.id());
+        crate::kill_after_exit(child.id());
         Ok(child)
     }
 }
 
 fn classpath() -> anyhow::Result<String> {
     Ok(format!("{}/*", kafka_libs()?.display()))
-}
-
-/// Kills `pid` with SIGKILL once this test process has exited.
-fn watchdog(pid: u32) {
-    let script = format!(
-        "while kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null",
-        parent = std::process::id()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
 }

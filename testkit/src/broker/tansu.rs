@@ -42,7 +42,7 @@ pub(super) fn spawn(dir: &Path, port: u16, authentication: bool) -> anyhow::Resu
         .create(true)
         .append(true)
         .open(log_path(dir))?;
-    Command::new(tansu_bin()?)
+    let child = Command::new(tansu_bin()?)
         .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
         .args(["--storage-engine", "sqlite://tansu.db"])
         .args(authentication.then_some("--authentication"))
@@ -57,7 +57,9 @@ pub(super) fn spawn(dir: &Path, port: u16, authentication: bool) -> anyhow::Resu
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .context("cannot start tansu")
+        .context("cannot start tansu")?;
+    crate::kill_after_exit(child.id());
+    Ok(child)
 }
 
 /// Creates a SCRAM user with Tansu's own CLI (which does not authenticate,

@@ -722,6 +722,7 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         p.stop(Duration::from_secs(5)).await;
     }
     broker.stop(&dir).await;
+    remove_data(&dir);
 
     let report = report(&s, &r);
     println!("{report}");
@@ -729,6 +730,19 @@ pub async fn all(s: Settings) -> anyhow::Result<()> {
         std::fs::write(out, &report)?;
     }
     Ok(())
+}
+
+/// Removes the run's stores and Tansu's data (hundreds of MB per run) from
+/// `dir`; the logs stay for a look after the run.
+fn remove_data(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if [".db", ".db-wal", ".db-shm"].iter().any(|ext| name.ends_with(ext)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The broker of a run: one `bench all` started, or one it was given.

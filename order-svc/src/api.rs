@@ -11,7 +11,7 @@ use orders_contract::{
         ListOrdersResponse, Order, OrderCreated, order_service_server::OrderService,
     },
 };
-use service_kit::telemetry::{self, TraceContext};
+use service_kit::telemetry;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field::Empty};
@@ -95,19 +95,19 @@ impl OrderApi {
     /// Creates an order: commits it with its event record in one
     /// transaction, then hands the record to the outbox and answers.
     /// `caller` is the authenticated principal when authentication is on;
-    /// `call` carries the call's trace and collects what its log lines show.
+    /// `span` is the call's own, which the event's trace headers continue.
     async fn create(
         &self,
         request: CreateOrderRequest,
         caller: Option<Principal>,
-        call: &mut Call,
+        span: &tracing::Span,
     ) -> Result<Order, Error> {
         let _permit = self
             .in_flight
             .try_acquire()
             .map_err(|_| Error::Overloaded(self.max_in_flight))?;
         let new = NewOrder::try_from(request).map_err(Error::InvalidOrder)?;
-        call.record(Field::User, &new.user_id);
+        span.record("user_id", new.user_id.as_str());
         if let Some(caller) = &caller {
             caller.authorize(&new.user_id)?;
         }
@@ -120,7 +120,7 @@ impl OrderApi {
             if let Some(fingerprint) = &fingerprint
                 && let Some(order) = self.replay(&new, fingerprint, not_before_us).await?
             {
-                call.record(Field::Order, &order.order_id);
+                span.record("order_id", order.order_id.as_str());
                 tracing::debug!(order_id = %order.order_id, "idempotent replay");
                 return Ok(order);
             }
@@ -138,13 +138,13 @@ impl OrderApi {
                 created_at: Some(created_at),
                 request_id: new.request_id.clone().unwrap_or_default(),
             };
-            call.record(Field::Order, &order.order_id);
+            span.record("order_id", order.order_id.as_str());
             let event = OrderCreated {
                 event_id: ids.event_id.to_string(),
                 order: Some(order),
                 occurred_at: Some(created_at),
             };
-            call.record(Field::Event, &event.event_id);
+            span.record("event_id", event.event_id.as_str());
             let encoded = envelope::encode_order_created(&event, &self.ce_source);
             let record = OutboxRecord {
                 key: encoded.key,
@@ -153,7 +153,7 @@ impl OrderApi {
                     .headers
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), v.into_owned()))
-                    .chain(call.trace_headers().into_iter().map(|(k, v)| (k.to_owned(), v)))
+                    .chain(telemetry::inject(span).into_iter().map(|(k, v)| (k.to_owned(), v)))
                     .collect(),
             };
             let order = event.order.unwrap_or_default();
@@ -189,22 +189,26 @@ impl OrderApi {
         }
     }
 
-    /// Authenticates, creates, logs a refused or failed call.
-    async fn handle(&self, request: Request<CreateOrderRequest>, call: &mut Call) -> Result<Order, Status> {
-        let caller = match self.authenticate(request.metadata()) {
-            Ok(caller) => caller,
-            Err(error) => {
-                call.log_span().in_scope(|| tracing::info!(%error, "call refused"));
-                return Err(error.into());
-            }
+    /// Authenticates, creates, logs a refused or failed call. Runs inside
+    /// `span`.
+    async fn handle(&self, request: Request<CreateOrderRequest>, span: &tracing::Span) -> Result<Order, Status> {
+        let created = match self.authenticate(request.metadata()) {
+            Ok(caller) => self.create(request.into_inner(), caller, span).await,
+            Err(error) => Err(error),
         };
-        self.create(request.into_inner(), caller, call).await.map_err(|error| {
-            call.log_span().in_scope(|| match &error {
+        created.map_err(|error| {
+            // The trace id goes on the log line only: a successful call logs
+            // nothing at INFO, so it would be formatted for nobody.
+            if let Some(trace_id) = telemetry::trace_id(span) {
+                span.record("trace_id", trace_id.as_str());
+            }
+            match &error {
+                Error::Unauthenticated(_) => tracing::info!(%error, "call refused"),
                 Error::InvalidOrder(_) | Error::IdempotencyConflict(_) | Error::PermissionDenied(_) => {
                     tracing::info!(%error, "order refused")
                 }
                 _ => tracing::warn!(%error, "order failed"),
-            });
+            }
             error.into()
         })
     }
@@ -292,136 +296,28 @@ fn read_outcome<T>(method: &'static str, result: Result<T, Error>) -> Result<Res
     })
 }
 
-/// The fields a `CreateOrder` span carries.
-#[derive(Debug, Clone, Copy)]
-enum Field {
-    /// `user_id`
-    User,
-    /// `order_id`
-    Order,
-    /// `event_id`
-    Event,
-}
-
-/// How one `CreateOrder` call is traced and logged.
-///
-/// When spans are exported ([`telemetry::exporting`]) the call has its own
-/// `CreateOrder` span, as every other unit of work. Otherwise it carries only
-/// a W3C [`TraceContext`] (continued from the caller's `traceparent`) for the
-/// event's headers, and keeps its fields for the log line of a refused or
-/// failed call, which gets a `CreateOrder` span made for it with those fields
-/// and the trace id. A span per call cost about 10% of order-svc's CPU per
-/// call (BENCHMARKS.md), for nothing when the call succeeds.
-#[derive(Debug)]
-enum Call {
-    /// The call's own span (spans are exported).
-    Span(tracing::Span),
-    /// The call's trace context and the fields known so far.
-    Context {
-        trace: TraceContext,
-        user_id: Option<String>,
-        order_id: Option<String>,
-        event_id: Option<String>,
-    },
-}
-
-impl Call {
-    /// Starts tracing a call whose request metadata has `header`s.
-    fn start(header: impl Fn(&str) -> Option<String>) -> Self {
-        if telemetry::exporting() {
-            let span = tracing::info_span!("CreateOrder", order_id = Empty, event_id = Empty, user_id = Empty);
-            // Continue the caller's trace when it sent W3C trace context.
-            telemetry::continue_trace(&span, header);
-            Call::Span(span)
-        } else {
-            Call::Context {
-                trace: TraceContext::continue_from(header),
-                user_id: None,
-                order_id: None,
-                event_id: None,
-            }
-        }
-    }
-
-    /// The call's own span, if it has one.
-    fn span(&self) -> Option<&tracing::Span> {
-        match self {
-            Call::Span(span) => Some(span),
-            Call::Context { .. } => None,
-        }
-    }
-
-    fn record(&mut self, field: Field, value: &str) {
-        match self {
-            Call::Span(span) => {
-                let name = match field {
-                    Field::User => "user_id",
-                    Field::Order => "order_id",
-                    Field::Event => "event_id",
-                };
-                span.record(name, value);
-            }
-            Call::Context {
-                user_id,
-                order_id,
-                event_id,
-                ..
-            } => {
-                let slot = match field {
-                    Field::User => user_id,
-                    Field::Order => order_id,
-                    Field::Event => event_id,
-                };
-                *slot = Some(value.to_owned());
-            }
-        }
-    }
-
-    /// W3C trace headers for the event record.
-    fn trace_headers(&self) -> Vec<(&'static str, String)> {
-        match self {
-            Call::Span(span) => telemetry::inject(span),
-            Call::Context { trace, .. } => trace.headers(),
-        }
-    }
-
-    /// The span a log line about this call goes in.
-    fn log_span(&self) -> tracing::Span {
-        match self {
-            Call::Span(span) => span.clone(),
-            Call::Context {
-                trace,
-                user_id,
-                order_id,
-                event_id,
-            } => tracing::info_span!(
-                "CreateOrder",
-                order_id = order_id.as_deref(),
-                event_id = event_id.as_deref(),
-                user_id = user_id.as_deref(),
-                trace_id = %trace.trace_id(),
-            ),
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
-        let mut call = Call::start(|name| {
+        let span = tracing::info_span!(
+            "CreateOrder",
+            order_id = Empty,
+            event_id = Empty,
+            user_id = Empty,
+            trace_id = Empty
+        );
+        // Continue the caller's trace when it sent W3C trace context.
+        telemetry::continue_trace(&span, |name| {
             request
                 .metadata()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-        let order = match call.span().cloned() {
-            Some(span) => self.handle(request, &mut call).instrument(span).await?,
-            None => self.handle(request, &mut call).await?,
-        };
+        let order = self.handle(request, &span).instrument(span.clone()).await?;
         Ok(Response::new(CreateOrderResponse { order: Some(order) }))
     }
 

@@ -14,6 +14,10 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// The topic of the OrderCreated events.
+    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
+    pub orders_topic: String,
+
     /// Consumer group; instances in one group share the topic's partitions.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "notification-group")]
     pub kafka_group_id: String,
@@ -120,7 +124,7 @@ impl Config {
         let mut config = Config::parse_from(["notify-svc"]);
         config.metrics_addr = ([127, 0, 0, 1], 0).into();
         config.kafka.brokers = brokers.to_owned();
-        config.kafka.topic = topic.to_owned();
+        config.orders_topic = topic.to_owned();
         config.kafka_group_id = group.to_owned();
         config.dlq_topic = format!("{topic}.dlq");
         config

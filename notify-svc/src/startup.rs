@@ -38,7 +38,7 @@ impl Application {
     /// clients and the sink, and binds the operations listener.
     pub async fn build(config: Config) -> Result<Self, Error> {
         for (name, value) in [
-            ("ORDERS_TOPIC", &config.kafka.topic),
+            ("ORDERS_TOPIC", &config.orders_topic),
             ("DLQ_TOPIC", &config.dlq_topic),
             ("KAFKA_GROUP_ID", &config.kafka_group_id),
         ] {
@@ -46,7 +46,7 @@ impl Application {
                 return Err(Error::Config(format!("{name} must not be empty")));
             }
         }
-        if config.dlq_topic == config.kafka.topic {
+        if config.dlq_topic == config.orders_topic {
             return Err(Error::Config("DLQ_TOPIC must differ from ORDERS_TOPIC".into()));
         }
         if config.retry_initial_delay > config.retry_max_delay {
@@ -122,7 +122,7 @@ impl Application {
         let producer = dead_letters.producer().clone();
         let (brokers, orders, dlq, timeout) = (
             config.kafka.brokers.clone(),
-            config.kafka.topic.clone(),
+            config.orders_topic.clone(),
             config.dlq_topic.clone(),
             config.kafka.startup_timeout,
         );
@@ -136,7 +136,7 @@ impl Application {
         .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
         tracing::info!(
             brokers = %config.kafka.brokers,
-            topic = %config.kafka.topic,
+            topic = %config.orders_topic,
             partitions,
             dlq = %config.dlq_topic,
             group = %config.kafka_group_id,
@@ -193,7 +193,7 @@ impl Application {
             }
         });
         tracing::info!(metrics_addr = %config.metrics_addr, "notify-svc consuming");
-        let result = pipeline.run(&config.kafka.topic, stop, config.shutdown_grace).await;
+        let result = pipeline.run(&config.orders_topic, stop, config.shutdown_grace).await;
         ops_stopped.cancel();
         if let Ok(Err(error)) = ops_server.await {
             tracing::warn!(%error, "operations server failed");

@@ -27,6 +27,10 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// The topic of the OrderCreated events.
+    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
+    pub orders_topic: String,
+
     /// The order store: `sqlite://<path>` (one file, created when missing,
     /// for one instance) or `postgres://user:password@host/db` (for several
     /// instances). Schema migrations are applied at start.
@@ -156,7 +160,7 @@ impl Config {
         config.grpc_addr = ([127, 0, 0, 1], 0).into();
         config.metrics_addr = ([127, 0, 0, 1], 0).into();
         config.kafka.brokers = brokers.to_owned();
-        config.kafka.topic = topic.to_owned();
+        config.orders_topic = topic.to_owned();
         config
     }
 }

@@ -69,7 +69,7 @@ impl Application {
     /// migrates the order store, creates the producer, and binds the gRPC
     /// and operations listeners.
     pub async fn build(config: Config) -> Result<Self, Error> {
-        if config.kafka.topic.trim().is_empty() {
+        if config.orders_topic.trim().is_empty() {
             return Err(Error::Config("ORDERS_TOPIC must not be empty".into()));
         }
         if config.ce_source.trim().is_empty() {
@@ -85,7 +85,7 @@ impl Application {
         let client_config = config.kafka.client_config(kafka::Role::Producer, defaults);
         let publisher = Arc::new(Publisher::new(
             client_config.clone(),
-            config.kafka.topic.clone(),
+            config.orders_topic.clone(),
             config.publish_timeout,
             metrics.clone(),
         )?);
@@ -93,7 +93,7 @@ impl Application {
         let (check_config, brokers, topic, timeout) = (
             client_config.clone(),
             config.kafka.brokers.clone(),
-            config.kafka.topic.clone(),
+            config.orders_topic.clone(),
             config.kafka.startup_timeout,
         );
         let checked =
@@ -102,14 +102,14 @@ impl Application {
                 .map_err(|e| Error::Config(format!("broker check panicked: {e}")))??;
         match checked {
             BrokerAtStart::Ready(partitions) => {
-                tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topic, partitions, "Kafka is reachable");
+                tracing::info!(brokers = %config.kafka.brokers, topic = %config.orders_topic, partitions, "Kafka is reachable");
             }
             // Availability follows the store: orders are taken and their
             // events wait in the outbox (`outbox_pending`,
             // `outbox_oldest_age_seconds`) until the broker answers.
             BrokerAtStart::Unreachable(error) => tracing::warn!(
                 %error,
-                topic = %config.kafka.topic,
+                topic = %config.orders_topic,
                 "Kafka is unreachable: starting anyway; orders are stored and their events wait in the outbox until the broker answers"
             ),
         }

@@ -27,6 +27,10 @@ pub(crate) struct DlqArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
 
+    /// The topic of the OrderCreated events.
+    #[arg(long, env = "ORDERS_TOPIC", default_value = "orders")]
+    orders_topic: String,
+
     /// The dead-letter topic notify-svc writes.
     #[arg(long, env = "DLQ_TOPIC", default_value = "orders.dlq")]
     dlq_topic: String,
@@ -143,7 +147,9 @@ pub(crate) async fn run(args: &DlqArgs) -> Result<(), Error> {
     match &args.command {
         DlqCmd::List(list_args) => list(args, list_args).await,
         DlqCmd::Show { position, json } => show(args, *position, *json).await,
-        DlqCmd::Redrive(redrive_args) => redrive::run(&args.kafka, &args.dlq_topic, redrive_args).await,
+        DlqCmd::Redrive(redrive_args) => {
+            redrive::run(&args.kafka, &args.dlq_topic, &args.orders_topic, redrive_args).await
+        }
     }
 }
 

@@ -255,7 +255,9 @@ mod tests {
     }
 }
 
-/// The Kafka settings both services take, with the same flags and variables.
+/// How every client of this workspace reaches the brokers, with the same
+/// flags and variables: addresses, extra properties, security. Which topics
+/// a client uses is its own setting.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated host:port.
@@ -266,15 +268,6 @@ pub struct KafkaArgs {
         default_value = "127.0.0.1:9092"
     )]
     pub brokers: String,
-
-    /// The topic of the OrderCreated events.
-    #[arg(
-        long = "orders-topic",
-        value_name = "ORDERS_TOPIC",
-        env = "ORDERS_TOPIC",
-        default_value = "orders"
-    )]
-    pub topic: String,
 
     /// Extra librdkafka properties, "key=value,key=value"; they override the
     /// service's defaults (for example linger.ms, fetch.wait.max.ms, ssl.*).

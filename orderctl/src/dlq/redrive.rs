@@ -94,11 +94,18 @@ struct Tally {
     positions: Vec<Position>,
 }
 
-pub(crate) async fn run(kafka: &KafkaArgs, dlq_topic: &str, args: &RedriveArgs) -> Result<(), Error> {
+/// Redrives the selection from `dlq_topic`; a dead letter that does not say
+/// where it came from goes to `orders_topic`.
+pub(crate) async fn run(
+    kafka: &KafkaArgs,
+    dlq_topic: &str,
+    orders_topic: &str,
+    args: &RedriveArgs,
+) -> Result<(), Error> {
     let filter = Filter::try_from(args.filter.clone()).map_err(Error::Invalid)?;
     let started = Instant::now();
     let mut tally = Tally::default();
-    let result = redrive(kafka, dlq_topic, args, &filter, &mut tally)
+    let result = redrive(kafka, dlq_topic, orders_topic, args, &filter, &mut tally)
         .instrument(tracing::info_span!("redrive", dlq = dlq_topic, group = %args.group, selection = %filter, dry_run = args.dry_run))
         .await;
     let positions = tally
@@ -152,6 +159,7 @@ pub(crate) async fn run(kafka: &KafkaArgs, dlq_topic: &str, args: &RedriveArgs) 
 async fn redrive(
     kafka: &KafkaArgs,
     dlq_topic: &str,
+    orders_topic: &str,
     args: &RedriveArgs,
     filter: &Filter,
     tally: &mut Tally,
@@ -262,8 +270,8 @@ async fn redrive(
             let target = match &letter.original_topic {
                 Some(t) => t.clone(),
                 None => {
-                    tracing::warn!(topic = %kafka.topic, "dead letter does not say where it came from; redriving to ORDERS_TOPIC");
-                    kafka.topic.clone()
+                    tracing::warn!(topic = %orders_topic, "dead letter does not say where it came from; redriving to ORDERS_TOPIC");
+                    orders_topic.to_owned()
                 }
             };
             if !checked_topics.contains(&target) {

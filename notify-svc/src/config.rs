@@ -1,15 +1,15 @@
 //! Typed configuration: every setting is a flag and an environment variable,
 //! documented in `--help`. Invalid values stop the process before anything binds.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use service_kit::{kafka::KafkaArgs, telemetry::LogFormat};
+use clap::Parser;
+use service_kit::{kafka::KafkaArgs, service::ServiceArgs};
 
 /// Consumes OrderCreated events and sends a notification for each one,
 /// at least once, with retries and a dead-letter topic.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "notify-svc", version)]
+#[command(name = "notify-svc", version, mut_arg("metrics_addr", |a| a.default_value("0.0.0.0:9091")))]
 pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -83,7 +83,7 @@ pub struct Config {
     /// that partition stay in the client, which stops fetching the partition
     /// at its prefetch size, until the worker catches up; the other
     /// partitions go on.
-    #[arg(long, env = "PARTITION_BUFFER", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "PARTITION_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub partition_buffer: u64,
 
     /// Most bytes (values, keys, headers) of the records waiting per
@@ -93,28 +93,8 @@ pub struct Config {
     #[arg(long, env = "PARTITION_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..))]
     pub partition_buffer_bytes: u64,
 
-    /// Address of the operations HTTP server (/metrics, /healthz, /readyz).
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
-    pub metrics_addr: SocketAddr,
-
-    /// How long shutdown waits for in-flight records before committing.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// Subcommands.
-#[derive(Debug, Clone, Subcommand)]
-pub enum Command {
-    /// Exit 0 if the service on METRICS_ADDR is ready, 1 otherwise (for
-    /// container health checks).
-    Healthcheck,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Config {
@@ -122,7 +102,7 @@ impl Config {
     /// point for tests.
     pub fn for_tests(brokers: &str, topic: &str, group: &str) -> Self {
         let mut config = Config::parse_from(["notify-svc"]);
-        config.metrics_addr = ([127, 0, 0, 1], 0).into();
+        config.service.metrics_addr = ([127, 0, 0, 1], 0).into();
         config.kafka.brokers = brokers.to_owned();
         config.orders_topic = topic.to_owned();
         config.kafka_group_id = group.to_owned();

@@ -2,11 +2,8 @@
 //! SIGINT or SIGTERM.
 
 use clap::Parser;
-use notify_svc::{
-    config::{Command, Config},
-    startup::Application,
-};
-use service_kit::{ops, shutdown::shutdown_signal, telemetry};
+use notify_svc::{config::Config, startup::Application};
+use service_kit::{shutdown::shutdown_signal, telemetry};
 
 // Every record allocates (librdkafka's message copy, headers, the decoded
 // event, the log line), and glibc's malloc was a large share of the
@@ -21,11 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    if let Some(Command::Healthcheck) = config.command {
-        ops::probe(config.metrics_addr, "/readyz", std::time::Duration::from_secs(3))?;
-        return Ok(());
+    if let Some(ready) = config.service.healthcheck() {
+        return Ok(ready?);
     }
-    let telemetry = telemetry::init("notify-svc", config.log_format)?;
+    let telemetry = telemetry::init("notify-svc", config.service.log_format)?;
     let result = async {
         let app = Application::build(config).await?;
         app.run_until_stopped(shutdown_signal()).await

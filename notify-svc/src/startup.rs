@@ -84,7 +84,7 @@ impl Application {
                 }
                 Notifier::Webhook(Webhook::new(url.clone(), config.notify_webhook_timeout)?)
             }
-            None => Notifier::Log(LogSink::new(config.log_format)),
+            None => Notifier::Log(LogSink::new(config.service.log_format)),
         };
         config.kafka.security.validate().map_err(Error::Config)?;
         let dlq_config = config
@@ -144,10 +144,10 @@ impl Application {
             "Kafka is reachable"
         );
 
-        let ops_listener = TcpListener::bind(config.metrics_addr)
+        let ops_listener = TcpListener::bind(config.service.metrics_addr)
             .await
             .map_err(|source| Error::Io {
-                context: format!("cannot bind METRICS_ADDR {}", config.metrics_addr),
+                context: format!("cannot bind METRICS_ADDR {}", config.service.metrics_addr),
                 source,
             })?;
         Ok(Self {
@@ -192,8 +192,10 @@ impl Application {
                 stop.cancel();
             }
         });
-        tracing::info!(metrics_addr = %config.metrics_addr, "notify-svc consuming");
-        let result = pipeline.run(&config.orders_topic, stop, config.shutdown_grace).await;
+        tracing::info!(metrics_addr = %config.service.metrics_addr, "notify-svc consuming");
+        let result = pipeline
+            .run(&config.orders_topic, stop, config.service.shutdown_grace)
+            .await;
         ops_stopped.cancel();
         if let Ok(Err(error)) = ops_server.await {
             tracing::warn!(%error, "operations server failed");

@@ -3,26 +3,22 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use service_kit::{
     kafka::KafkaArgs,
     secret::{Quiet, Secret},
-    telemetry::LogFormat,
+    service::ServiceArgs,
 };
 
 /// The order API: validates orders, commits each with its OrderCreated event to
 /// the order store, publishes the events to Kafka (a transactional outbox), and
 /// reads orders back.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "order-svc", version)]
+#[command(name = "order-svc", version, mut_arg("metrics_addr", |a| a.default_value("0.0.0.0:9090")))]
 pub struct Config {
     /// Address of the gRPC server.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
-
-    /// Address of the operations HTTP server (/metrics, /healthz, /readyz).
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
-    pub metrics_addr: SocketAddr,
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -57,10 +53,6 @@ pub struct Config {
     /// for it: its answer follows the store's commit.
     #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_publish_timeout)]
     pub publish_timeout: Duration,
-
-    /// How long shutdown waits for in-flight calls and the producer flush.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
 
     /// CloudEvents `ce_source` of published events.
     #[arg(long, env = "CE_SOURCE", default_value = "/order-svc")]
@@ -124,20 +116,8 @@ pub struct Config {
     #[arg(long, env = "AUTH_ADMIN_SCOPE", default_value = "orders:admin")]
     pub auth_admin_scope: String,
 
-    /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// Subcommands.
-#[derive(Debug, Clone, Subcommand)]
-pub enum Command {
-    /// Exit 0 if the service on METRICS_ADDR is ready, 1 otherwise (for
-    /// container health checks).
-    Healthcheck,
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 fn parse_publish_timeout(s: &str) -> Result<Duration, String> {
@@ -158,7 +138,7 @@ impl Config {
             .parse()
             .unwrap_or_else(|e: std::convert::Infallible| match e {});
         config.grpc_addr = ([127, 0, 0, 1], 0).into();
-        config.metrics_addr = ([127, 0, 0, 1], 0).into();
+        config.service.metrics_addr = ([127, 0, 0, 1], 0).into();
         config.kafka.brokers = brokers.to_owned();
         config.orders_topic = topic.to_owned();
         config

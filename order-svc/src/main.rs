@@ -2,11 +2,8 @@
 //! or SIGTERM.
 
 use clap::Parser;
-use order_svc::{
-    config::{Command, Config},
-    startup::Application,
-};
-use service_kit::{ops, shutdown::shutdown_signal, telemetry};
+use order_svc::{config::Config, startup::Application};
+use service_kit::{shutdown::shutdown_signal, telemetry};
 
 // mimalloc, as in notify-svc (where glibc's malloc was ~27% of the catch-up
 // profile) and in the benchmark's ceiling servers: here it measured no change
@@ -17,11 +14,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    if let Some(Command::Healthcheck) = config.command {
-        ops::probe(config.metrics_addr, "/readyz", std::time::Duration::from_secs(3))?;
-        return Ok(());
+    if let Some(ready) = config.service.healthcheck() {
+        return Ok(ready?);
     }
-    let telemetry = telemetry::init("order-svc", config.log_format)?;
+    let telemetry = telemetry::init("order-svc", config.service.log_format)?;
     let result = async {
         let app = Application::build(config).await?;
         app.run_until_stopped(shutdown_signal()).await

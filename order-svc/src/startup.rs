@@ -121,9 +121,9 @@ impl Application {
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
             .map_err(io(format!("cannot bind GRPC_ADDR {}", config.grpc_addr)))?;
-        let ops_listener = TcpListener::bind(config.metrics_addr)
+        let ops_listener = TcpListener::bind(config.service.metrics_addr)
             .await
-            .map_err(io(format!("cannot bind METRICS_ADDR {}", config.metrics_addr)))?;
+            .map_err(io(format!("cannot bind METRICS_ADDR {}", config.service.metrics_addr)))?;
         Ok(Self {
             config,
             grpc_listener,
@@ -246,7 +246,7 @@ impl Application {
                 let _ = drain_started_tx.send(());
             }
         };
-        tracing::info!(grpc_addr = %grpc_listener.local_addr().map_err(io("GRPC_ADDR"))?, metrics_addr = %config.metrics_addr, "order-svc serving");
+        tracing::info!(grpc_addr = %grpc_listener.local_addr().map_err(io("GRPC_ADDR"))?, metrics_addr = %config.service.metrics_addr, "order-svc serving");
         // TCP_NODELAY: a unary answer is one small write; Nagle would hold it
         // back waiting for the client's ACK.
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
@@ -265,7 +265,7 @@ impl Application {
             .add_service(orders)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);
-        let grace = config.shutdown_grace;
+        let grace = config.service.shutdown_grace;
         let served = tokio::select! {
             result = &mut server => result.map_err(Error::from),
             () = async { let _ = drain_started.await; tokio::time::sleep(grace).await } => {

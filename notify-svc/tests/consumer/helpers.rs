@@ -238,7 +238,7 @@ pub(crate) fn config(broker: &Broker, topic: &str, group: &str, receiver: Option
     config.retry_max_attempts = 4;
     config.retry_initial_delay = Duration::from_millis(20);
     config.retry_max_delay = Duration::from_millis(100);
-    config.shutdown_grace = Duration::from_secs(3);
+    config.service.shutdown_grace = Duration::from_secs(3);
     config
 }
 

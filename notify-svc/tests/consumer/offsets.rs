@@ -48,7 +48,7 @@ async fn a_record_cut_off_by_shutdown_is_redelivered_to_the_next_instance() {
     let publisher = Publisher::new(&broker, &topic);
     let mut cfg = config(&broker, &topic, &group, Some(&receiver));
     cfg.notify_webhook_timeout = Duration::from_secs(60);
-    cfg.shutdown_grace = Duration::from_secs(1);
+    cfg.service.shutdown_grace = Duration::from_secs(1);
 
     let first = TestApp::spawn_ready(cfg.clone()).await;
     let done = publisher.order(None).await;

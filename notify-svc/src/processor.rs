@@ -136,9 +136,7 @@ impl Processor {
             order_id = event.and_then(|e| e.order.as_ref()).map(|o| o.order_id.as_str()),
             event_id = event.map(|e| e.event_id.as_str()),
         );
-        telemetry::continue_trace(&span, |name| {
-            headers.get(name).map(|v| String::from_utf8_lossy(v).into_owned())
-        });
+        telemetry::continue_trace(&span, &telemetry::KafkaHeaders(message.headers()));
         let outcome = async {
             match decoded {
                 Err(error) => {

@@ -310,13 +310,7 @@ impl OrderService for OrderApi {
             trace_id = Empty
         );
         // Continue the caller's trace when it sent W3C trace context.
-        telemetry::continue_trace(&span, |name| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        });
+        telemetry::continue_trace(&span, &telemetry::HttpHeaders(request.metadata().as_ref()));
         let order = self.handle(request, &span).instrument(span.clone()).await?;
         Ok(Response::new(CreateOrderResponse { order: Some(order) }))
     }

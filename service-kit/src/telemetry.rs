@@ -11,12 +11,9 @@
 //! child of its parent's) and records nothing: the OpenTelemetry layer's
 //! cost per call and per record (BENCHMARKS.md) bought span data that was
 //! thrown away.
-//! [`inject`] and [`continue_trace`] carry a trace across Kafka in the
-//! `traceparent` / `tracestate` record headers, in either mode.
-//!
-//! Even without recording anything, a span costs its creation, enters and
-//! exits, and close in the registry; a hot path can ask [`exporting`] and,
-//! when nothing exports spans, carry a [`TraceContext`] instead of a span.
+//! [`inject`] and [`continue_trace`] carry a trace across gRPC, Kafka and
+//! webhooks in the `traceparent` / `tracestate` headers, in either mode,
+//! through OpenTelemetry's W3C propagator ([`HttpHeaders`], [`KafkaHeaders`]).
 //!
 //! Log lines go to stdout one `write(2)` each, as soon as they are formatted,
 //! so a line is out of the process before the work it reports goes on. A
@@ -24,13 +21,8 @@
 //! sink) formats them the same way into a buffer of its own ([`lines_into`])
 //! and writes that buffer when it chooses.
 
-use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
-};
-
 use opentelemetry::{
-    propagation::{Extractor, TextMapPropagator},
+    propagation::{Extractor, Injector, TextMapPropagator},
     trace::{SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _},
 };
 use opentelemetry_sdk::{
@@ -84,15 +76,6 @@ impl Telemetry {
             eprintln!("telemetry shutdown: {error}");
         }
     }
-}
-
-/// Set once a subscriber with an OTLP exporter is installed.
-static EXPORTING: AtomicBool = AtomicBool::new(false);
-
-/// Whether this process exports spans (`OTEL_EXPORTER_OTLP_ENDPOINT`). When
-/// it does not, a hot path may skip its span and carry a [`TraceContext`].
-pub fn exporting() -> bool {
-    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Installs the process-wide subscriber. `service` names the resource in
@@ -169,7 +152,6 @@ where
         .with(otel)
         .with(propagation)
         .try_init()?;
-    EXPORTING.store(exporting, Ordering::Relaxed);
     Ok(Telemetry { provider })
 }
 
@@ -302,81 +284,91 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
+/// The W3C trace context header names, as the propagator writes them.
+const W3C_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
 /// The W3C trace context headers (`traceparent`, and `tracestate` when it is
-/// not empty) of `span`, to put on an outgoing record.
-///
-/// Writes exactly what `TraceContextPropagator::inject_context` writes, without
-/// its map and intermediate strings (this runs once per published record).
+/// not empty) of `span`, to put on an outgoing record or request, as
+/// [`TraceContextPropagator`] writes them.
 pub fn inject(span: &tracing::Span) -> Vec<(&'static str, String)> {
-    headers_of(&span_context(span))
+    let cx = match with_propagated(span, |sc| sc.clone()) {
+        Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
+        None => span.context(),
+    };
+    let mut headers = InjectedHeaders(Vec::with_capacity(2));
+    TraceContextPropagator::new().inject_context(&cx, &mut headers);
+    headers.0
 }
 
-/// The W3C headers of `sc`; none when it is not valid.
-fn headers_of(sc: &SpanContext) -> Vec<(&'static str, String)> {
-    let mut out = Vec::with_capacity(2);
-    if !sc.is_valid() {
-        return out;
+/// Collects what the propagator injects.
+struct InjectedHeaders(Vec<(&'static str, String)>);
+
+impl Injector for InjectedHeaders {
+    fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` says nothing (W3C lets a sender leave it out),
+        // so a record carries no empty header.
+        if let Some(name) = W3C_HEADERS.into_iter().find(|name| *name == key)
+            && !value.is_empty()
+        {
+            self.0.push((name, value));
+        }
     }
-    out.push(("traceparent", traceparent(sc)));
-    let state = sc.trace_state().header();
-    if !state.is_empty() {
-        out.push(("tracestate", state));
-    }
-    out
 }
 
-/// `00-<trace id>-<span id>-<flags>`, as the W3C propagator formats it.
-fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
-    let flags = sc.trace_flags() & opentelemetry::trace::TraceFlags::SAMPLED;
-    format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), flags.to_u8())
-}
+/// The headers of an HTTP request, or a gRPC call's metadata
+/// (`request.metadata().as_ref()`), read by the propagator.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpHeaders<'a>(pub &'a axum::http::HeaderMap);
 
-struct Headers(HashMap<&'static str, String>);
-
-impl Extractor for Headers {
+impl Extractor for HttpHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.0.get(key).and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().copied().collect()
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
-/// Makes `span` a child of the trace found in `header` (by name, for
-/// `traceparent` and `tracestate`). Without a valid `traceparent` the span
-/// keeps the new trace it started.
-pub fn continue_trace(span: &tracing::Span, header: impl Fn(&str) -> Option<String>) {
-    let Some(remote) = remote_parent(header) else {
+/// A Kafka record's headers (`message.headers()`), read by the propagator.
+/// Of two headers with one name, the later one counts.
+#[derive(Debug, Clone, Copy)]
+pub struct KafkaHeaders<'a, H>(pub Option<&'a H>);
+
+impl<H: rdkafka::message::Headers> Extractor for KafkaHeaders<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let headers = self.0?;
+        (0..headers.count())
+            .rev()
+            .filter_map(|i| headers.try_get(i))
+            .find(|h| h.key == key)
+            .and_then(|h| std::str::from_utf8(h.value?).ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.map_or_else(Vec::new, |h| h.iter().map(|h| h.key).collect())
+    }
+}
+
+/// Makes `span` a child of the trace in `carrier`'s `traceparent` /
+/// `tracestate`. Without a valid `traceparent` the span keeps the new trace
+/// it started.
+pub fn continue_trace(span: &tracing::Span, carrier: &dyn Extractor) {
+    let remote = TraceContextPropagator::new().extract(carrier);
+    let remote_sc = remote.span().span_context().clone();
+    if !remote_sc.is_valid() {
         return;
-    };
+    }
     let adopted = with_propagated(span, |own| {
         *own = SpanContext::new(
-            remote.trace_id(),
+            remote_sc.trace_id(),
             own.span_id(),
-            remote.trace_flags(),
+            remote_sc.trace_flags(),
             false,
-            remote.trace_state().clone(),
+            remote_sc.trace_state().clone(),
         )
     });
     if adopted.is_none() {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        let _ = span.set_parent(remote);
     }
-}
-
-/// The valid remote span context in the `traceparent` / `tracestate` headers.
-fn remote_parent(header: impl Fn(&str) -> Option<String>) -> Option<SpanContext> {
-    let mut found = HashMap::new();
-    for name in ["traceparent", "tracestate"] {
-        if let Some(v) = header(name) {
-            found.insert(name, v);
-        }
-    }
-    if found.is_empty() {
-        return None;
-    }
-    let cx = TraceContextPropagator::new().extract(&Headers(found));
-    let remote = cx.span().span_context().clone();
-    remote.is_valid().then_some(remote)
 }
 
 /// A new span context: a child of `parent` (its trace id, flags and trace
@@ -401,39 +393,10 @@ fn child_of(parent: Option<&SpanContext>) -> SpanContext {
     }
 }
 
-/// The W3C trace context of one unit of work that has no span of its own
-/// (see [`exporting`]): a child of the caller's context when the caller sent
-/// one, else the root of a new trace. Its headers go on outgoing records
-/// exactly as [`inject`] would write a span's.
-#[derive(Debug, Clone)]
-pub struct TraceContext(SpanContext);
-
-impl TraceContext {
-    /// Continues the trace in `header` (by name: `traceparent`, `tracestate`).
-    pub fn continue_from(header: impl Fn(&str) -> Option<String>) -> Self {
-        Self(child_of(remote_parent(header).as_ref()))
-    }
-
-    /// `traceparent` (and `tracestate` when not empty) for an outgoing record.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        headers_of(&self.0)
-    }
-
-    /// The trace id as 32 lower-case hex digits.
-    pub fn trace_id(&self) -> String {
-        self.0.trace_id().to_string()
-    }
-}
-
 /// The trace id of `span` as 32 lower-case hex digits, if it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let sc = span_context(span);
+    let sc = with_propagated(span, |sc| sc.clone()).unwrap_or_else(|| span.context().span().span_context().clone());
     sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
-/// `span`'s W3C span context, from whichever trace layer is installed.
-fn span_context(span: &tracing::Span) -> SpanContext {
-    with_propagated(span, |sc| sc.clone()).unwrap_or_else(|| span.context().span().span_context().clone())
 }
 
 /// The span context the propagation-only layer keeps for a span.
@@ -479,9 +442,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Write, sync::Mutex};
-
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use std::{collections::HashMap, io::Write, sync::Mutex};
 
     use super::*;
 
@@ -566,24 +527,6 @@ mod tests {
         assert!(text.contains(r#"notification user_id="eve\nINFO forged""#), "{text}");
     }
 
-    /// The hand-written traceparent is byte for byte the propagator's.
-    #[test]
-    fn traceparent_matches_the_propagator() {
-        for flags in [TraceFlags::SAMPLED, TraceFlags::default(), TraceFlags::new(0xff)] {
-            let sc = SpanContext::new(
-                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-                flags,
-                false,
-                TraceState::default(),
-            );
-            let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
-            let mut carrier: HashMap<String, String> = HashMap::new();
-            TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-            assert_eq!(traceparent(&sc), carrier["traceparent"]);
-        }
-    }
-
     fn parts(headers: &[(&'static str, String)]) -> (String, String, String) {
         let (name, value) = &headers[0];
         assert_eq!(*name, "traceparent");
@@ -592,13 +535,27 @@ mod tests {
         (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
     }
 
+    const REMOTE_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+    fn remote(flags: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (
+                "traceparent".into(),
+                format!("00-{REMOTE_TRACE}-00f067aa0ba902b7-{flags}"),
+            ),
+            ("tracestate".into(), "vendor=x".into()),
+        ])
+    }
+
     /// Without an exporter: ids for every span, children in their parent's trace.
     #[test]
     fn propagation_only_spans_have_w3c_ids_and_share_their_parents_trace() {
         let subscriber = tracing_subscriber::registry().with(Propagation);
         tracing::subscriber::with_default(subscriber, || {
             let root = tracing::info_span!("root");
-            let (trace, root_span_id, flags) = parts(&inject(&root));
+            let headers = inject(&root);
+            assert_eq!(headers.len(), 1, "no empty tracestate: {headers:?}");
+            let (trace, root_span_id, flags) = parts(&headers);
             assert_eq!(
                 flags, "01",
                 "a new trace is sampled, as OpenTelemetry's default sampler does"
@@ -623,14 +580,10 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(Propagation);
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("event");
-            continue_trace(&span, |name| match name {
-                "traceparent" => Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into()),
-                "tracestate" => Some("vendor=x".into()),
-                _ => None,
-            });
+            continue_trace(&span, &remote("00"));
             let headers = inject(&span);
             let (trace, span_id, flags) = parts(&headers);
-            assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(trace, REMOTE_TRACE);
             assert_ne!(
                 span_id, "00f067aa0ba902b7",
                 "the span is the remote span's child, not the remote span"
@@ -638,11 +591,12 @@ mod tests {
             assert_eq!(flags, "00", "the caller's sampling decision is kept");
             assert_eq!(headers.get(1), Some(&("tracestate", "vendor=x".to_owned())));
             let child = span.in_scope(|| tracing::info_span!("child"));
-            assert_eq!(trace_id(&child).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+            assert_eq!(trace_id(&child).as_deref(), Some(REMOTE_TRACE));
 
             let keeps = tracing::info_span!("keeps");
             let before = trace_id(&keeps);
-            continue_trace(&keeps, |_| Some("not a traceparent".into()));
+            let bad = HashMap::from([("traceparent".to_owned(), "not a traceparent".to_owned())]);
+            continue_trace(&keeps, &bad);
             assert_eq!(
                 trace_id(&keeps),
                 before,
@@ -651,49 +605,80 @@ mod tests {
         });
     }
 
-    /// A unit of work without a span: the caller's trace continued exactly as
-    /// a span's would be, or a new sampled trace.
+    /// With the OpenTelemetry layer (an exporter configured): the same
+    /// headers in and out.
     #[test]
-    fn trace_context_continues_a_remote_trace_or_starts_one() {
-        let remote = |name: &str| match name {
-            "traceparent" => Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".to_owned()),
-            "tracestate" => Some("vendor=x".to_owned()),
-            _ => None,
-        };
-        let cx = TraceContext::continue_from(remote);
-        let headers = cx.headers();
-        let (trace, span_id, flags) = parts(&headers);
-        assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(cx.trace_id(), trace);
-        assert_ne!(
-            span_id, "00f067aa0ba902b7",
-            "a child of the remote span, not the remote span"
-        );
-        assert_ne!(
-            parts(&TraceContext::continue_from(remote).headers()).1,
-            span_id,
-            "every unit of work has its own span id"
-        );
-        assert_eq!(flags, "00", "the caller's sampling decision is kept");
-        assert_eq!(headers.get(1), Some(&("tracestate", "vendor=x".to_owned())));
+    fn the_opentelemetry_layer_continues_and_injects_the_same_headers() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("call");
+            continue_trace(&span, &remote("01"));
+            let headers = inject(&span);
+            let (trace, span_id, flags) = parts(&headers);
+            assert_eq!((trace.as_str(), flags.as_str()), (REMOTE_TRACE, "01"));
+            assert_ne!(span_id, "00f067aa0ba902b7");
+            assert_eq!(headers.get(1), Some(&("tracestate", "vendor=x".to_owned())));
+            assert_eq!(trace_id(&span).as_deref(), Some(REMOTE_TRACE));
+        });
+    }
 
-        for header in [
-            None,
-            Some("not a traceparent"),
-            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-        ] {
-            let cx = TraceContext::continue_from(|name| {
-                (name == "traceparent").then(|| header.map(str::to_owned)).flatten()
+    /// gRPC metadata and Kafka record headers are read as the callers send
+    /// them: the later of two record headers with one name counts, a value
+    /// that is not UTF-8 is no value, and a record without headers has none.
+    #[test]
+    fn grpc_metadata_and_record_headers_are_carriers() {
+        use rdkafka::message::{Header, OwnedHeaders};
+
+        let mut metadata = grpc_metadata();
+        let grpc = HttpHeaders(&metadata);
+        assert_eq!(grpc.get("traceparent"), Some(remote("01")["traceparent"].as_str()));
+        assert_eq!(grpc.get("tracestate"), Some("vendor=x"));
+        metadata.insert("tracestate", axum::http::HeaderValue::from_bytes(b"v=\xff").unwrap());
+        assert_eq!(HttpHeaders(&metadata).get("tracestate"), None);
+
+        let traceparent = remote("01")["traceparent"].clone();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-ffffffffffffffffffffffffffffffff-00f067aa0ba902b7-01"),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some(traceparent.as_str()),
+            })
+            .insert(Header {
+                key: "tracestate",
+                value: Some(b"v=\xff".as_slice()),
+            })
+            .insert(Header::<&str> {
+                key: "empty",
+                value: None,
             });
-            let (trace, _, flags) = parts(&cx.headers());
-            assert_eq!(trace.len(), 32, "{header:?}");
-            assert_ne!(trace, "00000000000000000000000000000000", "{header:?}");
-            assert_eq!(flags, "01", "a new trace is sampled: {header:?}");
-            assert_ne!(
-                TraceContext::continue_from(|_| None).trace_id(),
-                cx.trace_id(),
-                "each new trace is its own"
+        let record = KafkaHeaders(Some(&headers));
+        assert_eq!(record.get("traceparent"), Some(traceparent.as_str()));
+        assert_eq!(record.get("tracestate"), None);
+        assert_eq!(record.get("empty"), None);
+        assert_eq!(record.keys(), ["traceparent", "traceparent", "tracestate", "empty"]);
+        assert_eq!(KafkaHeaders::<OwnedHeaders>(None).get("traceparent"), None);
+
+        let subscriber = tracing_subscriber::registry().with(Propagation);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("event");
+            continue_trace(&span, &record);
+            assert_eq!(trace_id(&span).as_deref(), Some(REMOTE_TRACE));
+        });
+    }
+
+    fn grpc_metadata() -> axum::http::HeaderMap {
+        let mut map = axum::http::HeaderMap::new();
+        for (k, v) in remote("01") {
+            map.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
             );
         }
+        map
     }
 }

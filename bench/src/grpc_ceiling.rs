@@ -84,7 +84,7 @@ impl OrderService for CeilingService {
         }
         if let Some((producer, topic)) = &self.producer {
             let key = format!("{:016x}", self.calls.fetch_add(1, Ordering::Relaxed));
-            // order-svc's produce path: `AckProducer`, acks served on the runtime.
+            // order-svc's produce path: `AckProducer`.
             let delivery = producer
                 .send(topic, &key, &self.record.value, headers(&self.record))
                 .map_err(|e| Status::unavailable(e.to_string()))?;

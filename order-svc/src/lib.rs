@@ -11,7 +11,6 @@ pub mod idempotency;
 pub mod metrics;
 pub mod outbox;
 pub mod pagination;
-#[allow(unsafe_code)]
 pub mod producer;
 pub mod publisher;
 pub mod startup;

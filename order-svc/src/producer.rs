@@ -1,34 +1,27 @@
-//! A Kafka producer whose delivery reports are served on the tokio runtime.
+//! A Kafka producer whose sends return a future of the broker's answer.
 //!
-//! rdkafka's `FutureProducer` serves librdkafka's main queue from a dedicated
-//! polling thread: every batch of acknowledgements is one more thread
-//! hand-off (broker thread -> polling thread -> tokio worker). [`AckProducer`]
-//! instead registers a callback on that queue (`rd_kafka_queue_cb_event_enable`),
-//! which librdkafka calls when the queue goes from empty to non-empty; the
-//! callback wakes one tokio task that drains the queue, completing each
-//! record's [`Ack`] on the worker that is about to run its caller anyway.
-//!
-//! order-svc's publisher and the benchmark's "tonic + produce" ceiling both
-//! use it, so the ceiling measures the same produce path.
+//! rdkafka's [`ThreadedProducer`] serves librdkafka's delivery reports on its
+//! own polling thread; [`AckContext`] completes each record's [`Ack`] from
+//! there. order-svc's publisher and the benchmark's "tonic + produce"
+//! ceiling both use it, so the ceiling measures the same produce path.
 
 use std::{
-    ffi::c_void,
     future::Future,
     pin::Pin,
-    sync::{Arc, Weak},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use rdkafka::{
-    ClientConfig, ClientContext, bindings as rdsys,
+    ClientConfig, ClientContext,
     client::Client,
     config::FromClientConfigAndContext,
     error::{KafkaError, KafkaResult},
     message::{OwnedHeaders, ToBytes},
-    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
+    producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer},
 };
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 /// Delivers each record's outcome to its [`Ack`].
 #[derive(Debug, Default)]
@@ -63,67 +56,11 @@ impl Future for Ack {
     }
 }
 
-/// A reference to librdkafka's main queue of one client, and the [`Notify`]
-/// its callback wakes.
-struct MainQueue {
-    ptr: *mut rdsys::rd_kafka_queue_t,
-    /// Kept alive here until the callback pointing to it is disabled.
-    notify: Arc<Notify>,
-}
-
-// SAFETY: librdkafka queues are thread-safe; the pointer is a counted reference.
-unsafe impl Send for MainQueue {}
-// SAFETY: as above.
-unsafe impl Sync for MainQueue {}
-
-impl MainQueue {
-    fn len(&self) -> usize {
-        // SAFETY: a valid queue reference until drop.
-        unsafe { rdsys::rd_kafka_queue_length(self.ptr) }
-    }
-}
-
-impl Drop for MainQueue {
-    fn drop(&mut self) {
-        // SAFETY: no callback may run after this (it is disabled under the
-        // queue's lock, which librdkafka holds while calling it).
-        unsafe {
-            rdsys::rd_kafka_queue_cb_event_enable(self.ptr, None, std::ptr::null_mut());
-            rdsys::rd_kafka_queue_destroy(self.ptr);
-        }
-    }
-}
-
-/// Called by librdkafka, under the queue's lock, when the queue becomes non-empty.
-unsafe extern "C" fn queue_not_empty(_rk: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
-    // SAFETY: `opaque` is the `Notify` a `MainQueue` keeps alive until it
-    // has disabled this callback.
-    let notify = unsafe { &*(opaque as *const Notify) };
-    notify.notify_one();
-}
-
-/// Owns the queue reference and the producer; the drain task only holds
-/// weak references, so both go when the last [`AckProducer`] does.
-struct Shared {
-    // Field order is drop order: the callback is disabled and the queue
-    // reference released before the producer purges and flushes its queue.
-    queue: Arc<MainQueue>,
-    producer: Arc<BaseProducer<AckContext>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // Let the drain task see the producer is gone and end.
-        self.queue.notify.notify_one();
-    }
-}
-
-/// An idempotent-capable producer whose acknowledgements are futures served
-/// on the current tokio runtime. Cheap to clone.
+/// An idempotent-capable producer whose acknowledgements are futures. Cheap
+/// to clone; the last clone dropped stops its polling thread and purges its
+/// queue (which may block briefly).
 #[derive(Clone)]
-pub struct AckProducer {
-    shared: Arc<Shared>,
-}
+pub struct AckProducer(Arc<ThreadedProducer<AckContext>>);
 
 impl std::fmt::Debug for AckProducer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,30 +69,11 @@ impl std::fmt::Debug for AckProducer {
 }
 
 impl AckProducer {
-    /// Creates the producer and its drain task. Must be called inside a
-    /// tokio runtime.
+    /// Creates the producer and its polling thread.
     pub fn new(config: &ClientConfig) -> KafkaResult<Self> {
-        let producer = Arc::new(BaseProducer::from_config_and_context(config, AckContext)?);
-        let notify = Arc::new(Notify::new());
-        let queue = Arc::new(MainQueue {
-            // SAFETY: the client is valid; the reference is released in MainQueue::drop.
-            ptr: unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) },
-            notify: notify.clone(),
-        });
-        // SAFETY: `queue` keeps the Notify alive until it disables the callback.
-        unsafe {
-            rdsys::rd_kafka_queue_cb_event_enable(
-                queue.ptr,
-                Some(queue_not_empty),
-                Arc::as_ptr(&notify) as *mut c_void,
-            );
-        }
-        tokio::spawn(drain(Arc::downgrade(&producer), Arc::downgrade(&queue), notify.clone()));
-        // Anything queued before the callback was registered.
-        notify.notify_one();
-        Ok(Self {
-            shared: Arc::new(Shared { queue, producer }),
-        })
+        Ok(Self(Arc::new(ThreadedProducer::from_config_and_context(
+            config, AckContext,
+        )?)))
     }
 
     /// Queues `payload` under `key` with `headers` for `topic`; the returned
@@ -171,7 +89,7 @@ impl AckProducer {
             .key(key)
             .payload(payload)
             .headers(headers);
-        match self.shared.producer.send(record) {
+        match self.0.send(record) {
             Ok(()) => Ok(Ack(rx)),
             Err((error, _record)) => Err(error),
         }
@@ -179,35 +97,66 @@ impl AckProducer {
 
     /// The underlying client, for metadata requests.
     pub fn client(&self) -> &Client<AckContext> {
-        self.shared.producer.client()
+        self.0.client()
     }
 
     /// Waits up to `timeout` for every queued record to be answered
     /// (blocking: call from a blocking thread).
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
-        self.shared.producer.flush(timeout)
+        self.0.flush(timeout)
     }
 }
 
-/// Most events served in one go before giving other tasks a turn.
-const DRAIN_BATCH: usize = 64;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Serves the main queue whenever the callback says it is not empty, until
-/// the producer is dropped.
-async fn drain(producer: Weak<BaseProducer<AckContext>>, queue: Weak<MainQueue>, notify: Arc<Notify>) {
-    loop {
-        notify.notified().await;
-        let (Some(producer), Some(queue)) = (producer.upgrade(), queue.upgrade()) else {
-            return;
-        };
-        let mut served = 0;
-        while queue.len() > 0 {
-            // One event (a delivery report carries a batch of records).
-            producer.poll(Duration::ZERO);
-            served += 1;
-            if served % DRAIN_BATCH == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
+    /// A producer whose broker never answers: nothing listens on port 1.
+    fn unreachable(message_timeout_ms: &str) -> AckProducer {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", message_timeout_ms)
+            .set("queue.buffering.max.messages", "1");
+        AckProducer::new(&config).expect("a valid configuration")
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_record_fails_its_ack_when_its_timeout_passes() {
+        let producer = unreachable("200");
+        let ack = producer.send("t", "key", "value", OwnedHeaders::new()).expect("queued");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("answered within the message timeout");
+        assert!(matches!(outcome, Err(KafkaError::MessageProduction(_))), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_fails_the_send_at_once() {
+        let producer = unreachable("60000");
+        let _first = producer.send("t", "key", "value", OwnedHeaders::new()).expect("queued");
+        let second = producer.send("t", "key", "value", OwnedHeaders::new());
+        assert!(
+            matches!(
+                second,
+                Err(KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull
+                ))
+            ),
+            "{second:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_producer_answers_queued_records() {
+        let producer = unreachable("60000");
+        let ack = producer.send("t", "key", "value", OwnedHeaders::new()).expect("queued");
+        tokio::task::spawn_blocking(move || drop(producer))
+            .await
+            .expect("dropped");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("answered once the producer is gone");
+        assert!(outcome.is_err(), "{outcome:?}");
     }
 }

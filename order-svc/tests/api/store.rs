@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use orders_contract::v1::OrderCreated;
+use prost::Message as _;
+use rdkafka::Message as _;
 use sqlx::Connection as _;
 use tonic::Code;
 
@@ -75,4 +78,73 @@ async fn an_sqlite_store_that_cannot_write_answers_unavailable_and_recovers() {
     drop(lock);
     let order = create(&mut client, request.clone()).await;
     assert_eq!(create(&mut client, request).await, order, "one order for the key");
+}
+
+/// A burst of concurrent calls, as one group commit sees it: every key sent
+/// three times at once, and one of them also with another payload. Each
+/// call keeps its own outcome: one order per key, the same answer to every
+/// retry, the other payload refused, and one event per order.
+#[tokio::test]
+async fn concurrent_calls_keep_their_own_outcomes() {
+    const KEYS: usize = 40;
+    let app = spawn_app().await;
+    let client = app.client().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..3 * KEYS {
+        let key = i % KEYS;
+        let mut request = valid_request(&format!("burst-{}", key % 7));
+        request.request_id = format!("key-{key}");
+        if i == 3 * KEYS - 1 {
+            request.items[0].quantity += 1;
+        }
+        let mut client = client.clone();
+        calls.spawn(async move { (i, client.create_order(request).await) });
+    }
+    let mut by_key: std::collections::HashMap<usize, Vec<String>> = Default::default();
+    let mut refused = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let (i, answer) = joined.unwrap();
+        match answer {
+            Ok(answer) => {
+                let order = answer.into_inner().order.unwrap();
+                assert_eq!(order.request_id, format!("key-{}", i % KEYS));
+                by_key.entry(i % KEYS).or_default().push(order.order_id);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::InvalidArgument, "call {i}: {status:?}");
+                refused.push(i);
+            }
+        }
+    }
+    // Whichever payload of the last key commits first wins; the other is refused.
+    refused.sort();
+    let last = KEYS - 1;
+    assert!(
+        refused == [3 * KEYS - 1] || refused == [last, 2 * KEYS - 1],
+        "refused: {refused:?}"
+    );
+    assert_eq!(by_key.len(), KEYS, "every key has its order");
+    for (key, ids) in &by_key {
+        assert!(ids.iter().all(|id| id == &ids[0]), "key-{key}: {ids:?}");
+    }
+    // One more than expected: a second event for some order would show.
+    let records = app
+        .broker
+        .read_all(&app.topic, KEYS + 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut published: Vec<String> = records
+        .iter()
+        .map(|r| {
+            OrderCreated::decode(r.payload().unwrap())
+                .unwrap()
+                .order
+                .unwrap()
+                .order_id
+        })
+        .collect();
+    let mut answered: Vec<String> = by_key.into_values().map(|ids| ids[0].clone()).collect();
+    published.sort();
+    answered.sort();
+    assert_eq!(published, answered, "one event per order, for the orders answered");
 }

@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -69,12 +69,11 @@ pub struct Metrics {
     pub produce_seconds: Histogram,
     /// `kafka_produce_errors_total`.
     pub produce_errors: Counter,
-    /// Each served route's series of `handling_seconds` and `handled`,
-    /// resolved on its first call, so a call costs no label allocation or
-    /// family lookup. Fixed at start: the key set is the served methods.
-    routes: HashMap<Box<str>, Route>,
-    /// The series of every path this server does not serve.
-    unknown: Route,
+    /// The labels of each served method, by path. Fixed at start, so the
+    /// label values are bounded by what this server serves.
+    routes: HashMap<Box<str>, MethodLabels>,
+    /// The labels of every path this server does not serve.
+    unknown: MethodLabels,
 }
 
 /// The label value of the service and method of a path this server does not serve.
@@ -114,60 +113,6 @@ fn served_routes() -> impl Iterator<Item = (String, MethodLabels)> {
         })
 }
 
-/// A route's labels and its series, created on the route's first call (so a
-/// method's series appear when it is first called).
-#[derive(Debug)]
-struct Route {
-    labels: MethodLabels,
-    series: OnceLock<Arc<RouteMetrics>>,
-}
-
-impl Route {
-    fn new(labels: MethodLabels) -> Self {
-        Self {
-            labels,
-            series: OnceLock::new(),
-        }
-    }
-}
-
-/// The gRPC status codes, by number (0..=16).
-const CODES: usize = 17;
-
-/// One route's series: the same ones the families hand out, resolved once.
-#[derive(Debug)]
-struct RouteMetrics {
-    labels: MethodLabels,
-    handling_seconds: Histogram,
-    /// `grpc_server_handled_total` by status code, created on first use (so
-    /// a code's series appears when it first happens, as without the cache).
-    handled: [OnceLock<Counter>; CODES],
-}
-
-impl RouteMetrics {
-    fn new(metrics: &Metrics, labels: MethodLabels) -> Self {
-        Self {
-            handling_seconds: metrics.handling_seconds.get_or_create(&labels).clone(),
-            handled: std::array::from_fn(|_| OnceLock::new()),
-            labels,
-        }
-    }
-
-    fn handled(&self, metrics: &Metrics, code: tonic::Code) -> &Counter {
-        let index = code as usize;
-        self.handled[index.min(CODES - 1)].get_or_init(|| {
-            metrics
-                .handled
-                .get_or_create(&HandledLabels {
-                    grpc_service: self.labels.grpc_service.clone(),
-                    grpc_method: self.labels.grpc_method.clone(),
-                    grpc_code: code_name(code),
-                })
-                .clone()
-        })
-    }
-}
-
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
@@ -180,12 +125,12 @@ impl Metrics {
             produce_seconds: Histogram::new(latency_buckets()),
             produce_errors: Counter::default(),
             routes: served_routes()
-                .map(|(path, labels)| (path.into_boxed_str(), Route::new(labels)))
+                .map(|(path, labels)| (path.into_boxed_str(), labels))
                 .collect(),
-            unknown: Route::new(MethodLabels {
+            unknown: MethodLabels {
                 grpc_service: UNKNOWN.to_owned(),
                 grpc_method: UNKNOWN.to_owned(),
-            }),
+            },
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -226,14 +171,10 @@ impl Metrics {
         metrics
     }
 
-    /// The series of the route at `path` (`/package.Service/Method`): its
+    /// The labels of the route at `path` (`/package.Service/Method`): its
     /// own when this server serves it, else the `unknown` ones.
-    fn route(&self, path: &str) -> Arc<RouteMetrics> {
-        let route = self.routes.get(path).unwrap_or(&self.unknown);
-        route
-            .series
-            .get_or_init(|| Arc::new(RouteMetrics::new(self, route.labels.clone())))
-            .clone()
+    fn labels(&self, path: &str) -> &MethodLabels {
+        self.routes.get(path).unwrap_or(&self.unknown)
     }
 }
 
@@ -272,7 +213,7 @@ pub struct GrpcMetrics<S> {
 #[derive(Debug)]
 struct Outcome {
     metrics: Arc<Metrics>,
-    route: Arc<RouteMetrics>,
+    labels: MethodLabels,
     started: Instant,
     done: bool,
 }
@@ -282,10 +223,20 @@ impl Outcome {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        self.route
+        // A series appears on its first use: a method's when it is first
+        // called, a status code's when it first happens.
+        self.metrics
             .handling_seconds
+            .get_or_create(&self.labels)
             .observe(self.started.elapsed().as_secs_f64());
-        self.route.handled(&self.metrics, code).inc();
+        self.metrics
+            .handled
+            .get_or_create(&HandledLabels {
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: code_name(code),
+            })
+            .inc();
     }
 }
 
@@ -326,7 +277,7 @@ where
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let mut outcome = Outcome {
-            route: self.metrics.route(req.uri().path()),
+            labels: self.metrics.labels(req.uri().path()).clone(),
             metrics: self.metrics.clone(),
             started: Instant::now(),
             done: false,
@@ -419,7 +370,7 @@ mod tests {
             ("/x.Y/M1", UNKNOWN, UNKNOWN),
             ("", UNKNOWN, UNKNOWN),
         ] {
-            let labels = &metrics.route(path).labels;
+            let labels = metrics.labels(path);
             assert_eq!(
                 (labels.grpc_service.as_str(), labels.grpc_method.as_str()),
                 (service, method),

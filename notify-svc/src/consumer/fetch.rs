@@ -7,7 +7,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Condvar, Mutex, atomic::AtomicUsize},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicUsize},
+    },
     time::Duration,
 };
 
@@ -26,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Key,
     callbacks::ConsumerCtx,
-    worker::{Worker, WorkerControl, run_worker},
+    worker::{Buffer, Worker, WorkerControl, run_worker},
 };
 use crate::processor::Processor;
 
@@ -38,8 +41,9 @@ const ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// arriving on a partition queue wakes it at once.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-/// How long the loop sleeps while a worker's buffer is full: its partition
-/// is read again within it once the worker has room.
+/// How long the loop sleeps at most while a worker's buffer is full: the
+/// worker wakes it once half its buffer is free, and this bounds the wait
+/// when that wake-up is missed (the buffer drained while it was reported full).
 const FULL_WAIT: Duration = Duration::from_millis(5);
 
 /// The workers of the assigned partitions, the partitions' queues, and the
@@ -229,13 +233,18 @@ impl Fetcher {
         retiring.retain(|_, done| !done.is_cancelled());
         let (tx, rx) = mpsc::channel(self.buffer);
         let waiting = Arc::new(AtomicUsize::new(0));
+        let blocked = Arc::new(AtomicBool::new(false));
         let stop = self.shutdown.child_token();
         let abandon = CancellationToken::new();
         let done = CancellationToken::new();
         let task = self.tasks.spawn_on(
             run_worker(
-                rx,
-                waiting.clone(),
+                Buffer {
+                    rx,
+                    waiting: waiting.clone(),
+                    blocked: blocked.clone(),
+                    wake: self.wake.clone(),
+                },
                 self.processor.clone(),
                 self.consumer.clone(),
                 WorkerControl {
@@ -250,6 +259,7 @@ impl Fetcher {
         Worker {
             tx,
             waiting,
+            blocked,
             stop,
             abandon,
             done,

@@ -51,10 +51,17 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// missed.
 ///
 /// Prefetch memory: `queued.max.messages.kbytes` bounds librdkafka's queue
-/// per partition, and when it is full librdkafka waits
-/// `fetch.queue.backoff.ms` (1 s by default) before fetching that partition
-/// again: longer than a small queue lasts during a catch-up, so the short
-/// backoff lets a small queue keep up (BENCHMARKS.md, tuning (b)).
+/// per partition, and a fetch may overshoot it by `fetch.message.max.bytes`
+/// (1 MiB) per partition. Both count record *values* only, while a queued
+/// record also holds its key, headers, a share of the fetch response it came
+/// in and a librdkafka op of several hundred bytes: with order-sized records
+/// the queue's real footprint is several times its nominal size. A catch-up's
+/// peak RSS is mostly these queues, the partition buffers and the dedup
+/// cache, so the queue is as small as keeps the workers fed while the broker
+/// answers the next fetch on a busy machine (BENCHMARKS.md). When a queue is
+/// full librdkafka waits `fetch.queue.backoff.ms` (1 s by default) before
+/// fetching that partition again: longer than a small queue lasts during a
+/// catch-up, so the short backoff lets a small queue keep up.
 pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
     vec![
         ("group.id", group_id.to_owned()),
@@ -64,7 +71,7 @@ pub fn consumer_defaults(group_id: &str) -> Vec<(&'static str, String)> {
         ("auto.offset.reset", "earliest".into()),
         ("enable.partition.eof", "false".into()),
         ("statistics.interval.ms", STATS_INTERVAL.as_millis().to_string()),
-        ("queued.max.messages.kbytes", "2048".into()),
+        ("queued.max.messages.kbytes", "1536".into()),
         ("fetch.queue.backoff.ms", "10".into()),
         ("reconnect.backoff.ms", "50".into()),
         ("reconnect.backoff.max.ms", "1000".into()),

@@ -4,7 +4,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use rdkafka::{
@@ -17,7 +17,7 @@ use tokio::{
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::callbacks::ConsumerCtx;
+use super::{callbacks::ConsumerCtx, fetch::Wake};
 use crate::{
     notifier::EXIT_OUTPUT_BROKEN,
     processor::{Processor, RecordOutcome},
@@ -37,6 +37,9 @@ pub(super) struct Worker {
     pub(super) tx: mpsc::Sender<OwnedMessage>,
     /// Bytes of the records in `tx`'s buffer ([`record_bytes`]).
     pub(super) waiting: Arc<AtomicUsize>,
+    /// Set when an offer found the buffer full: the worker then wakes the
+    /// fetch loop once it has drained half of it.
+    pub(super) blocked: Arc<AtomicBool>,
     /// Cancelled on revoke or shutdown: finish the record in hand, then stop.
     pub(super) stop: CancellationToken,
     /// Cancelled when a revoked partition's work is abandoned at the drain
@@ -66,13 +69,45 @@ impl Worker {
         let size = record_bytes(&message);
         let waiting = self.waiting.load(Ordering::Acquire);
         if waiting > 0 && waiting + size > max_bytes {
+            self.blocked.store(true, Ordering::Release);
             return Err(TrySendError::Full(message));
         }
         // Counted before it can be received (and uncounted by the worker).
         self.waiting.fetch_add(size, Ordering::AcqRel);
-        self.tx.try_send(message).inspect_err(|_| {
+        self.tx.try_send(message).inspect_err(|error| {
             self.waiting.fetch_sub(size, Ordering::AcqRel);
+            if matches!(error, TrySendError::Full(_)) {
+                self.blocked.store(true, Ordering::Release);
+            }
         })
+    }
+}
+
+/// What a worker shares with the fetch loop about its buffer.
+pub(super) struct Buffer {
+    pub(super) rx: mpsc::Receiver<OwnedMessage>,
+    /// Bytes of the records in the buffer, as [`Worker::waiting`].
+    pub(super) waiting: Arc<AtomicUsize>,
+    /// As [`Worker::blocked`].
+    pub(super) blocked: Arc<AtomicBool>,
+    /// Wakes the fetch loop.
+    pub(super) wake: Arc<Wake>,
+}
+
+impl Buffer {
+    /// Takes `message`'s bytes off the count and, if the fetch loop found
+    /// the buffer full, wakes it once half the buffer is free (or the
+    /// buffer is empty, when bytes were the bound): a small buffer then
+    /// refills before it runs dry, instead of after the fetch loop's
+    /// fallback sleep.
+    fn taken(&self, message: &OwnedMessage) {
+        self.waiting.fetch_sub(record_bytes(message), Ordering::AcqRel);
+        if self.blocked.load(Ordering::Acquire)
+            && self.rx.len() <= self.rx.max_capacity() / 2
+            && self.blocked.swap(false, Ordering::AcqRel)
+        {
+            self.wake.wake();
+        }
     }
 }
 
@@ -90,8 +125,7 @@ pub(super) struct WorkerControl {
 /// or its channel closes, storing each batch's last offset once the batch is
 /// handled and its log-sink lines are written.
 pub(super) async fn run_worker(
-    mut rx: mpsc::Receiver<OwnedMessage>,
-    waiting: Arc<AtomicUsize>,
+    mut buffer: Buffer,
     processor: Arc<Processor>,
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     control: WorkerControl,
@@ -114,7 +148,7 @@ pub(super) async fn run_worker(
         let first = tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            message = rx.recv() => match message {
+            message = buffer.rx.recv() => match message {
                 Some(m) => m,
                 None => return,
             },
@@ -128,7 +162,7 @@ pub(super) async fn run_worker(
         let mut stopped = false;
         let mut count = 0;
         while let Some(message) = next.take() {
-            waiting.fetch_sub(record_bytes(&message), Ordering::AcqRel);
+            buffer.taken(&message);
             match processor.process(&message, &stop).await {
                 RecordOutcome::Handled => handled = Some(message),
                 RecordOutcome::Stopped => {
@@ -141,7 +175,7 @@ pub(super) async fn run_worker(
                 .output_pending()
                 .is_some_and(|bytes| bytes < MAX_PENDING_BYTES);
             if batching && count < MAX_BATCH && !stop.is_cancelled() {
-                next = rx.try_recv().ok();
+                next = buffer.rx.try_recv().ok();
             }
         }
         if let Err(error) = processor.flush_output() {

@@ -148,7 +148,7 @@ async fn records_waiting_behind_a_stuck_notification_are_bounded_in_bytes() {
     const RECORDS: usize = 200;
     const RECORD_BYTES: usize = 700 * 1024;
     /// The default PARTITION_BUFFER_BYTES is 16 MiB; librdkafka prefetches
-    /// up to 2 MiB more per partition. Unbounded by bytes, the buffer takes
+    /// up to 1.5 MiB more per partition (queued.max.messages.kbytes). Unbounded by bytes, the buffer takes
     /// all 200 records: ~140 MiB.
     const MAX_GROWTH_KIB: u64 = 64 * 1024;
     let (broker, topic) = broker_with_topic("bigrecords", 1).await;

@@ -21,6 +21,10 @@ pub enum Error {
     /// was committed unless it says so (retry with the same request_id).
     #[error("the order store is unavailable: {0}")]
     Store(#[from] sqlx::Error),
+    /// A group commit of the embedded store failed (or the store is
+    /// closing): nothing of the call was committed.
+    #[error("the order store did not commit the order: {0}")]
+    StoreCommit(String),
     /// The store could not be reached at start-up.
     #[error("cannot open the order store (DATABASE_URL): {0}")]
     StoreConnect(String),
@@ -129,7 +133,7 @@ impl From<Error> for Status {
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::NotFound(_) => Status::not_found(message),
-            Error::Store(_) => Status::unavailable(message),
+            Error::Store(_) | Error::StoreCommit(_) => Status::unavailable(message),
             Error::Overloaded(_) => Status::resource_exhausted(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),

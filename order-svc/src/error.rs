@@ -21,8 +21,8 @@ pub enum Error {
     /// was committed unless it says so (retry with the same request_id).
     #[error("the order store is unavailable: {0}")]
     Store(#[from] sqlx::Error),
-    /// A group commit of the embedded store failed (or the store is
-    /// closing): nothing of the call was committed.
+    /// The embedded store is closing and takes no more orders: nothing of
+    /// the call was committed.
     #[error("the order store did not commit the order: {0}")]
     StoreCommit(String),
     /// The store could not be reached at start-up.

@@ -5,9 +5,9 @@ use clap::Parser;
 use order_svc::{config::Config, startup::Application};
 use service_kit::{shutdown::shutdown_signal, telemetry};
 
-// mimalloc, as in notify-svc (where glibc's malloc was ~27% of the catch-up
-// profile) and in the benchmark's ceiling servers: here it measured no change
-// beyond noise, and one allocator keeps the comparison fair (BENCHMARKS.md).
+// mimalloc, as in notify-svc and in the benchmark's ceiling servers: one
+// allocator across the services and the servers they are measured against
+// keeps those comparisons about the code, not the allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -36,13 +36,13 @@ use crate::{metrics::Metrics, producer::AckProducer, store::OutboxRecord};
 ///   on the wire at a time; records produced meanwhile go out together in the
 ///   next one. librdkafka sends one request per partition, so with the
 ///   default window (5 with idempotence) and `linger.ms=0` concurrent calls
-///   were split into many small requests that the broker serves one after
-///   another, and librdkafka's broker thread spun (`poll()` with a zero
-///   timeout) while the window was full. A window of 1 gave +60% calls/s at
-///   64 concurrent calls over 5; 2 gives another +7-9% at 64 and 256
-///   concurrent calls (two partitions' batches overlap their round trips)
-///   with the same single-call latency, and 3 was slower again (3 partitions,
-///   BENCHMARKS.md). Ordering and idempotence are unchanged.
+///   are split into many small requests that the broker serves one after
+///   another, and librdkafka's broker thread spins (`poll()` with a zero
+///   timeout) while the window is full. A narrow window batches concurrent
+///   calls instead; two lets two partitions' batches overlap their round
+///   trips at the same single-call latency, and a wider one is slower again
+///   (the measurements are in BENCHMARKS.md's history). Ordering and
+///   idempotence are unchanged.
 /// - `message.timeout.ms` = `PUBLISH_TIMEOUT`: every record gets its answer
 ///   within it (acknowledged or failed); a failed one stays in the outbox and
 ///   is sent again, so librdkafka need not hold it through a long outage.

@@ -791,6 +791,15 @@ mod tests {
         store.create(&stored, &record, 0, 0).await
     }
 
+    /// Polls `ready` every millisecond until it holds, failing after 10 s.
+    async fn wait_until(ready: impl Fn() -> bool, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// A group whose write fails is written again one order at a time: the
     /// failing order (here its id is taken) fails alone, a taken key is
     /// still answered as taken, and every other order of the group commits.
@@ -807,13 +816,27 @@ mod tests {
         ));
 
         // With the writer's turn held, the committing task takes the first
-        // order and waits; the four after it queue up as one group.
+        // order and waits for the turn; the four after it queue up behind it
+        // and become the next group.
+        let creates = store.creates.clone().unwrap();
+        let queued = || creates.max_capacity() - creates.capacity();
         let turn = store.writer.as_ref().unwrap().clone().lock_owned().await;
-        let first = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { create(&store, &order("first", "")).await })
+        let first = order("first", "");
+        let (done, first_outcome) = oneshot::channel();
+        let write = OrderWrite {
+            order: first.clone(),
+            event_id: first.order_id.clone(),
+            fingerprint: None,
+            record: OutboxRecord {
+                key: first.order_id.clone(),
+                value: vec![1],
+                headers: vec![],
+            },
+            lease_until_us: 0,
+            not_before_us: 0,
         };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        creates.send(PendingCreate { write, done }).await.unwrap();
+        wait_until(|| queued() == 0, "the committing task takes the first order").await;
         let orders = [order("a", "k1"), order("taken", "k2"), order("b", "k0"), order("c", "")];
         let calls: Vec<_> = orders
             .iter()
@@ -823,9 +846,9 @@ mod tests {
                 tokio::spawn(async move { create(&store, &o).await })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(|| queued() == orders.len(), "the four orders queue up as one group").await;
         drop(turn);
-        assert!(matches!(first.await.unwrap(), Ok(Created::New(_))));
+        assert!(matches!(first_outcome.await.unwrap(), Ok(Created::New(_))));
         let mut outcomes = Vec::new();
         for call in calls {
             outcomes.push(call.await.unwrap());

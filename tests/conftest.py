@@ -9,6 +9,7 @@ that dies while we wait fails the test with the tail of its log.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -30,7 +31,32 @@ NODE_DIR = ROOT / "tests" / "node"
 BUF = NODE_DIR / "node_modules" / ".bin" / "buf"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
 
+def _ports_below_ephemeral_range() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    return range(10_000, max(first_ephemeral, 10_001))
+
+
+_next_port = itertools.count(os.getpid() * 97)
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago, for a child to bind.
+    It comes from below the kernel's ephemeral range, as testkit's does: a port
+    bound with port 0 is ephemeral, and any outgoing connection may take it
+    before the child binds it."""
+    ports = _ports_below_ephemeral_range()
+    for _ in ports:
+        port = ports[next(_next_port) % len(ports)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

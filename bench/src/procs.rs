@@ -2,7 +2,7 @@
 //! about them: resident memory and CPU time.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
@@ -85,9 +85,10 @@ impl Proc {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 (testkit's choice, away from the ports
+/// outgoing connections take).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(testkit::free_port())
 }
 
 /// Waits until something accepts connections on `addr`.

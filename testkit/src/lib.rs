@@ -67,12 +67,39 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A TCP port that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a child process
+/// to bind.
+///
+/// The port comes from below the kernel's ephemeral range: a port bound with
+/// port 0 is an ephemeral one, and between this check and the child's bind any
+/// outgoing connection of a concurrent test (Kafka clients open many) may take
+/// it. Below the range only another `free_port` caller competes, and each
+/// process walks its own sequence starting from an offset of its pid.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (low, high) = ports_below_ephemeral_range();
+    let span = u64::from(high - low);
+    let start = u64::from(std::process::id()) * 97;
+    for _ in 0..span {
+        let port = low + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// The ports from 10000 up to the kernel's ephemeral range (Linux's
+/// `ip_local_port_range`; 32768 where it cannot be read).
+fn ports_below_ephemeral_range() -> (u16, u16) {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    (10_000, first_ephemeral.max(10_001))
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`
@@ -280,5 +307,24 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let (low, high) = ports_below_ephemeral_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for port in ports {
+            assert!((low..high).contains(&port), "{port} outside {low}..{high}");
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
     }
 }

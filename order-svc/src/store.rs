@@ -383,7 +383,9 @@ impl Store {
             not_before_us,
         };
         let Some(creates) = &self.creates else {
-            return write_alone(&self.pool, &write).await;
+            return write_in_transaction(&self.pool, &[&write])
+                .await
+                .map(|mut one| one.remove(0));
         };
         let closed = || Error::StoreCommit("the store is closing".into());
         let (done, outcome) = oneshot::channel();
@@ -589,78 +591,173 @@ impl Store {
     }
 }
 
-/// Writes one order (its idempotency key unless taken, the order, its items
-/// and its outbox record) on `conn`, inside the caller's transaction.
-async fn write_order(conn: &mut AnyConnection, write: &OrderWrite) -> Result<Created, Error> {
-    let order = &write.order;
-    let created_at_us = order.created_at.as_ref().map(us_from_timestamp).unwrap_or_default();
-    if let Some(fingerprint) = &write.fingerprint {
+/// Most values one statement binds: SQLite's limit (32,766) with room to
+/// spare, below PostgreSQL's (65,535).
+const MAX_BINDS: usize = 30_000;
+
+/// `{head} VALUES ($1, ..., $width), (...), ...{tail}`: `rows` rows of
+/// `width` placeholders.
+fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
+    let values = (0..rows)
+        .map(|row| format!("({})", placeholders(row * width + 1, width)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{head} VALUES {values}{tail}")
+}
+
+/// Writes `writes` (each order's idempotency key unless taken, the order,
+/// its items and its outbox record) on `conn`, inside the caller's
+/// transaction, and says what became of each, in order. Each table gets
+/// one statement for all the orders (more only past [`MAX_BINDS`]): every
+/// statement is a hand-off to the connection's thread, so a group commit
+/// costs a few of them, not a few per order. A statement that fails fails
+/// the whole transaction.
+async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Result<Vec<Created>, Error> {
+    let created_at_us = |write: &OrderWrite| {
+        write
+            .order
+            .created_at
+            .as_ref()
+            .map(us_from_timestamp)
+            .unwrap_or_default()
+    };
+    let keyed: Vec<&OrderWrite> = writes.iter().copied().filter(|w| w.fingerprint.is_some()).collect();
+    let mut keys_won = std::collections::HashSet::new();
+    for chunk in keyed.chunks(MAX_BINDS / 5) {
         // An expired key names an old order; the new one takes its place.
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND request_id = $2 AND created_at_us < $3")
-            .bind(&order.user_id)
-            .bind(&order.request_id)
-            .bind(write.not_before_us)
-            .execute(&mut *conn)
-            .await?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, request_id, fingerprint, order_id, created_at_us) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, request_id) DO NOTHING",
-        )
-        .bind(&order.user_id)
-        .bind(&order.request_id)
-        .bind(fingerprint.to_vec())
-        .bind(&order.order_id)
-        .bind(created_at_us)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(Created::KeyTaken);
+        let expired = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "(user_id = ${} AND request_id = ${} AND created_at_us < ${})",
+                    i * 3 + 1,
+                    i * 3 + 2,
+                    i * 3 + 3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let sql = format!("DELETE FROM idempotency_keys WHERE {expired}");
+        let mut delete = sqlx::query(&sql);
+        for write in chunk {
+            delete = delete
+                .bind(&write.order.user_id)
+                .bind(&write.order.request_id)
+                .bind(write.not_before_us);
+        }
+        delete.execute(&mut *conn).await?;
+        // The constraint decides: of two orders with one key (in the store
+        // or in this statement) the first keeps it.
+        let sql = insert_sql(
+            "INSERT INTO idempotency_keys (user_id, request_id, fingerprint, order_id, created_at_us)",
+            5,
+            chunk.len(),
+            " ON CONFLICT (user_id, request_id) DO NOTHING RETURNING order_id",
+        );
+        let mut insert = sqlx::query(&sql);
+        for write in chunk {
+            insert = insert
+                .bind(&write.order.user_id)
+                .bind(&write.order.request_id)
+                .bind(write.fingerprint.clone())
+                .bind(&write.order.order_id)
+                .bind(created_at_us(write));
+        }
+        for row in insert.fetch_all(&mut *conn).await? {
+            keys_won.insert(row.try_get::<String, _>("order_id")?);
         }
     }
-    sqlx::query(
-        "INSERT INTO orders (order_id, user_id, request_id, currency, total_minor, created_at_us, event_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&order.order_id)
-    .bind(&order.user_id)
-    .bind(&order.request_id)
-    .bind(&order.currency)
-    .bind(order.total_minor)
-    .bind(created_at_us)
-    .bind(&write.event_id)
-    .execute(&mut *conn)
-    .await?;
-    if !order.items.is_empty() {
-        let values = (0..order.items.len())
-            .map(|i| format!("({})", placeholders(i * 5 + 1, 5)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!("INSERT INTO order_items (order_id, line, sku, quantity, unit_price_minor) VALUES {values}");
+    let new: Vec<&OrderWrite> = writes
+        .iter()
+        .copied()
+        .filter(|w| w.fingerprint.is_none() || keys_won.contains(&w.order.order_id))
+        .collect();
+
+    for chunk in new.chunks(MAX_BINDS / 7) {
+        let sql = insert_sql(
+            "INSERT INTO orders (order_id, user_id, request_id, currency, total_minor, created_at_us, event_id)",
+            7,
+            chunk.len(),
+            "",
+        );
         let mut insert = sqlx::query(&sql);
-        for (line, item) in order.items.iter().enumerate() {
+        for write in chunk {
+            let order = &write.order;
             insert = insert
                 .bind(&order.order_id)
-                .bind(i64::try_from(line).unwrap_or(i64::MAX))
+                .bind(&order.user_id)
+                .bind(&order.request_id)
+                .bind(&order.currency)
+                .bind(order.total_minor)
+                .bind(created_at_us(write))
+                .bind(&write.event_id);
+        }
+        insert.execute(&mut *conn).await?;
+    }
+
+    let items: Vec<(&str, i64, &LineItem)> = new
+        .iter()
+        .flat_map(|w| {
+            let order_id = w.order.order_id.as_str();
+            (0_i64..)
+                .zip(&w.order.items)
+                .map(move |(line, item)| (order_id, line, item))
+        })
+        .collect();
+    for chunk in items.chunks(MAX_BINDS / 5) {
+        let sql = insert_sql(
+            "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_minor)",
+            5,
+            chunk.len(),
+            "",
+        );
+        let mut insert = sqlx::query(&sql);
+        for (order_id, line, item) in chunk {
+            insert = insert
+                .bind(*order_id)
+                .bind(*line)
                 .bind(&item.sku)
                 .bind(i64::from(item.quantity))
                 .bind(item.unit_price_minor);
         }
         insert.execute(&mut *conn).await?;
     }
-    let id: i64 = sqlx::query(
-        "INSERT INTO outbox (record_key, value, headers, created_at_us, lease_until_us) \
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
-    )
-    .bind(&write.record.key)
-    .bind(write.record.value.clone())
-    .bind(write.record.encode_headers())
-    .bind(now_us())
-    .bind(write.lease_until_us)
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get("id")?;
-    Ok(Created::New(id))
+
+    // Rows come back in no promised order: each is matched by its key,
+    // the order id, unique in the batch since the orders were inserted.
+    let mut outbox_ids = std::collections::HashMap::with_capacity(new.len());
+    let committed_us = now_us();
+    for chunk in new.chunks(MAX_BINDS / 5) {
+        let sql = insert_sql(
+            "INSERT INTO outbox (record_key, value, headers, created_at_us, lease_until_us)",
+            5,
+            chunk.len(),
+            " RETURNING id, record_key",
+        );
+        let mut insert = sqlx::query(&sql);
+        for write in chunk {
+            insert = insert
+                .bind(&write.record.key)
+                .bind(write.record.value.clone())
+                .bind(write.record.encode_headers())
+                .bind(committed_us)
+                .bind(write.lease_until_us);
+        }
+        for row in insert.fetch_all(&mut *conn).await? {
+            outbox_ids.insert(row.try_get::<String, _>("record_key")?, row.try_get::<i64, _>("id")?);
+        }
+    }
+    writes
+        .iter()
+        .map(|w| {
+            if w.fingerprint.is_some() && !keys_won.contains(&w.order.order_id) {
+                return Ok(Created::KeyTaken);
+            }
+            outbox_ids
+                .get(&w.record.key)
+                .map(|id| Created::New(*id))
+                .ok_or_else(|| Error::StoreCommit(format!("no outbox row came back for order {}", w.order.order_id)))
+        })
+        .collect()
 }
 
 /// SQLite's one writer commits the orders waiting for it together: one
@@ -685,49 +782,35 @@ async fn group_commit(pool: sqlx::AnyPool, writer: Arc<Mutex<()>>, mut queue: mp
 /// Writes `group` in one transaction. Writes rarely fail, and when one
 /// does the group is rolled back and each order written in a transaction
 /// of its own, so a failing order fails only itself; the common path pays
-/// no savepoint per order (two more statements each, every statement a
-/// hand-off to the connection's thread).
+/// no savepoint per order.
 async fn write_group(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Vec<Result<Created, Error>> {
-    match write_together(pool, group).await {
+    let writes: Vec<&OrderWrite> = group.iter().map(|pending| &pending.write).collect();
+    match write_in_transaction(pool, &writes).await {
         Ok(created) => created.into_iter().map(Ok).collect(),
         Err(error) => {
             tracing::warn!(%error, orders = group.len(), "group commit failed; writing its orders one by one");
             let mut outcomes = Vec::with_capacity(group.len());
-            for pending in group {
-                outcomes.push(write_alone(pool, &pending.write).await);
+            for write in writes {
+                outcomes.push(write_in_transaction(pool, &[write]).await.map(|mut one| one.remove(0)));
             }
             outcomes
         }
     }
 }
 
-/// One transaction for all of `group`, or none of it.
-async fn write_together(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Result<Vec<Created>, Error> {
+/// `writes` in one transaction, all or none of them.
+async fn write_in_transaction(pool: &sqlx::AnyPool, writes: &[&OrderWrite]) -> Result<Vec<Created>, Error> {
     let mut tx = pool.begin().await?;
-    let mut created = Vec::with_capacity(group.len());
-    for pending in group {
-        // A taken key writes nothing, so it needs no rollback of its own.
-        match write_order(&mut tx, &pending.write).await {
-            Ok(one) => created.push(one),
-            Err(error) => {
-                let _ = tx.rollback().await;
-                return Err(error);
-            }
+    match write_orders(&mut tx, writes).await {
+        Ok(created) => {
+            tx.commit().await?;
+            Ok(created)
+        }
+        Err(error) => {
+            let _ = tx.rollback().await;
+            Err(error)
         }
     }
-    tx.commit().await?;
-    Ok(created)
-}
-
-/// One order in a transaction of its own.
-async fn write_alone(pool: &sqlx::AnyPool, write: &OrderWrite) -> Result<Created, Error> {
-    let mut tx = pool.begin().await?;
-    let created = write_order(&mut tx, write).await?;
-    match created {
-        Created::New(_) => tx.commit().await?,
-        Created::KeyTaken => tx.rollback().await?,
-    }
-    Ok(created)
 }
 
 fn order_from_row(row: &AnyRow) -> Result<Order, Error> {
@@ -800,28 +883,22 @@ mod tests {
         }
     }
 
-    /// A group whose write fails is written again one order at a time: the
-    /// failing order (here its id is taken) fails alone, a taken key is
-    /// still answered as taken, and every other order of the group commits.
-    #[tokio::test]
-    async fn a_failing_order_fails_alone_in_its_group() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn sqlite_store(dir: &tempfile::TempDir) -> Arc<Store> {
         let url: Secret = format!("sqlite://{}", dir.path().join("orders.db").display())
             .parse()
             .unwrap();
-        let store = Arc::new(Store::connect(&url, 4).await.unwrap());
-        assert!(matches!(
-            create(&store, &order("taken", "k0")).await,
-            Ok(Created::New(_))
-        ));
+        Arc::new(Store::connect(&url, 4).await.unwrap())
+    }
 
-        // With the writer's turn held, the committing task takes the first
-        // order and waits for the turn; the four after it queue up behind it
-        // and become the next group.
+    /// Creates `orders` concurrently as one group commit, and returns each
+    /// one's outcome: with the writer's turn held, the committing task takes
+    /// a first order and waits for the turn; `orders` queue up behind it and
+    /// become the next group.
+    async fn create_as_one_group(store: &Arc<Store>, orders: &[Order]) -> Vec<Result<Created, Error>> {
         let creates = store.creates.clone().unwrap();
         let queued = || creates.max_capacity() - creates.capacity();
         let turn = store.writer.as_ref().unwrap().clone().lock_owned().await;
-        let first = order("first", "");
+        let first = order(&uuid::Uuid::now_v7().to_string(), "");
         let (done, first_outcome) = oneshot::channel();
         let write = OrderWrite {
             order: first.clone(),
@@ -837,27 +914,88 @@ mod tests {
         };
         creates.send(PendingCreate { write, done }).await.unwrap();
         wait_until(|| queued() == 0, "the committing task takes the first order").await;
-        let orders = [order("a", "k1"), order("taken", "k2"), order("b", "k0"), order("c", "")];
         let calls: Vec<_> = orders
             .iter()
             .cloned()
             .map(|o| {
-                let store = Arc::clone(&store);
+                let store = Arc::clone(store);
                 tokio::spawn(async move { create(&store, &o).await })
             })
             .collect();
-        wait_until(|| queued() == orders.len(), "the four orders queue up as one group").await;
+        wait_until(|| queued() == orders.len(), "the orders queue up as one group").await;
         drop(turn);
         assert!(matches!(first_outcome.await.unwrap(), Ok(Created::New(_))));
         let mut outcomes = Vec::new();
         for call in calls {
             outcomes.push(call.await.unwrap());
         }
+        outcomes
+    }
+
+    /// One group, written in one statement per table: each order gets its
+    /// own outbox row, a key taken in the store or earlier in the same group
+    /// is answered as taken and writes nothing.
+    #[tokio::test]
+    async fn a_group_is_written_together_and_each_order_gets_its_own_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        assert!(matches!(create(&store, &order("old", "k0")).await, Ok(Created::New(_))));
+        let mut two_items = order("a", "k1");
+        two_items.items.push(LineItem {
+            sku: "t".into(),
+            quantity: 3,
+            unit_price_minor: 7,
+        });
+        let orders = [
+            two_items.clone(),
+            order("b", "k0"),
+            order("c", ""),
+            order("d", "k2"),
+            order("e", "k2"),
+        ];
+        let outcomes = create_as_one_group(&store, &orders).await;
+        let id = |i: usize| match outcomes[i] {
+            Ok(Created::New(id)) => id,
+            ref other => panic!("order {i}: {other:?}"),
+        };
+        let (a, c, d) = (id(0), id(2), id(3));
+        assert!(matches!(outcomes[1], Ok(Created::KeyTaken)), "{outcomes:?}");
+        assert!(matches!(outcomes[4], Ok(Created::KeyTaken)), "{outcomes:?}");
+        assert_eq!(store.get("a").await.unwrap().unwrap().items, two_items.items);
+        for absent in ["b", "e"] {
+            assert!(store.get(absent).await.unwrap().is_none(), "{absent}");
+        }
+        let claimed = store.claim(now_us(), now_us() + 1_000_000, 100).await.unwrap();
+        let key_of = |id: i64| claimed.iter().find(|c| c.id == id).map(|c| c.record.key.clone());
+        assert_eq!(
+            [key_of(a), key_of(c), key_of(d)],
+            [Some("a".into()), Some("c".into()), Some("d".into())]
+        );
+        assert_eq!(
+            store.find_key("u", "k2", 0).await.unwrap().unwrap().order_id,
+            "d",
+            "the first order of the group keeps the key"
+        );
+    }
+
+    /// A group whose write fails is written again one order at a time: the
+    /// failing order (here its id is taken) fails alone, a taken key is
+    /// still answered as taken, and every other order of the group commits.
+    #[tokio::test]
+    async fn a_failing_order_fails_alone_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        assert!(matches!(
+            create(&store, &order("taken", "k0")).await,
+            Ok(Created::New(_))
+        ));
+        let orders = [order("a", "k1"), order("taken", "k2"), order("b", "k0"), order("c", "")];
+        let outcomes = create_as_one_group(&store, &orders).await;
         assert!(matches!(outcomes[0], Ok(Created::New(_))), "{outcomes:?}");
         assert!(matches!(outcomes[1], Err(Error::Store(_))), "{outcomes:?}");
         assert!(matches!(outcomes[2], Ok(Created::KeyTaken)), "{outcomes:?}");
         assert!(matches!(outcomes[3], Ok(Created::New(_))), "{outcomes:?}");
-        for id in ["first", "a", "c", "taken"] {
+        for id in ["a", "c", "taken"] {
             assert!(store.get(id).await.unwrap().is_some(), "{id} is stored");
         }
         assert!(store.get("b").await.unwrap().is_none());

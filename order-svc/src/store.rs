@@ -621,6 +621,10 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             .map(us_from_timestamp)
             .unwrap_or_default()
     };
+    // A statement for one order is the same every time and stays prepared
+    // in the connection's cache; a group's statements differ in size with
+    // the group, and large cached programs would hold memory for nothing.
+    let cached = writes.len() == 1;
     let keyed: Vec<&OrderWrite> = writes.iter().copied().filter(|w| w.fingerprint.is_some()).collect();
     let mut keys_won = std::collections::HashSet::new();
     for chunk in keyed.chunks(MAX_BINDS / 5) {
@@ -637,7 +641,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             .collect::<Vec<_>>()
             .join(" OR ");
         let sql = format!("DELETE FROM idempotency_keys WHERE {expired}");
-        let mut delete = sqlx::query(&sql);
+        let mut delete = sqlx::query(&sql).persistent(cached);
         for write in chunk {
             delete = delete
                 .bind(&write.order.user_id)
@@ -653,7 +657,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             chunk.len(),
             " ON CONFLICT (user_id, request_id) DO NOTHING RETURNING order_id",
         );
-        let mut insert = sqlx::query(&sql);
+        let mut insert = sqlx::query(&sql).persistent(cached);
         for write in chunk {
             insert = insert
                 .bind(&write.order.user_id)
@@ -679,7 +683,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             chunk.len(),
             "",
         );
-        let mut insert = sqlx::query(&sql);
+        let mut insert = sqlx::query(&sql).persistent(cached);
         for write in chunk {
             let order = &write.order;
             insert = insert
@@ -710,7 +714,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             chunk.len(),
             "",
         );
-        let mut insert = sqlx::query(&sql);
+        let mut insert = sqlx::query(&sql).persistent(cached);
         for (order_id, line, item) in chunk {
             insert = insert
                 .bind(*order_id)
@@ -733,7 +737,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
             chunk.len(),
             " RETURNING id, record_key",
         );
-        let mut insert = sqlx::query(&sql);
+        let mut insert = sqlx::query(&sql).persistent(cached);
         for write in chunk {
             insert = insert
                 .bind(&write.record.key)

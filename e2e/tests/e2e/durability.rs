@@ -8,7 +8,8 @@
 //! database answering the same keys. `orderctl get` / `orderctl list` read
 //! the orders back as a user would.
 //!
-//! Each run creates 2,000 orders (`DURABILITY_ORDERS` sets another number).
+//! Each run creates 2,000 orders (`DURABILITY_ORDERS` sets another number),
+//! spread over at least 10 s so that the killer strikes several times.
 //! The killer goes on during the broker outage: order-svc starts while the
 //! broker does not answer (its outbox holds the events), so the processes
 //! restarted then take orders too.
@@ -61,6 +62,15 @@ fn orders_to_create() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000)
+}
+
+/// How long the orders of a killed run span at least: the killer kills every
+/// 0.2-1.5 s, so a run this long sees several kills however fast the store is.
+const KILLED_RUN: Duration = Duration::from_secs(10);
+
+/// The pace that spreads `n` orders over at least [`KILLED_RUN`].
+fn pace_over_killed_run(n: usize) -> Option<Duration> {
+    Some(KILLED_RUN / n.max(1) as u32)
 }
 
 fn request(i: usize) -> CreateOrderRequest {
@@ -329,7 +339,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_order() {
         Arc::default(),
     ));
     let started = Instant::now();
-    let answered = create_all(&[addr], n, None, done, Arc::default()).await;
+    let answered = create_all(&[addr], n, pace_over_killed_run(n), done, Arc::default()).await;
     let kills = killing.await.unwrap();
     println!("{kills} SIGKILLs in {:?}", started.elapsed());
     assert!(kills >= 3, "the run was too short to kill anything ({kills} kills)");
@@ -418,7 +428,7 @@ async fn two_instances_on_postgres_killed_at_random_moments_answer_each_key_with
         done.clone(),
         Arc::default(),
     ));
-    let answered = create_all(&addrs, n, None, done, Arc::default()).await;
+    let answered = create_all(&addrs, n, pace_over_killed_run(n), done, Arc::default()).await;
     let kills = killing.await.unwrap();
     println!("{kills} SIGKILLs over two instances");
     assert!(kills >= 3, "the run was too short to kill anything ({kills} kills)");

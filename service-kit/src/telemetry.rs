@@ -2,18 +2,15 @@
 //!
 //! [`init`] installs one subscriber per process: human-readable lines by
 //! default or one JSON object per line (`LOG_FORMAT=json`), filtered by
-//! `RUST_LOG` (default `info`); and W3C trace context for every span. Text
-//! lines escape control characters in what they print ([`EscapedFields`]),
-//! so one event is always one line whatever its fields hold. With
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` set, the OpenTelemetry layer records spans and
-//! exports them over OTLP. Without it nothing would receive the spans, so a
-//! small propagation-only layer gives each span its trace id and span id (a
-//! child of its parent's) and records nothing: the OpenTelemetry layer's
-//! cost per call and per record (BENCHMARKS.md) bought span data that was
-//! thrown away.
+//! `RUST_LOG` (default `info`); and the OpenTelemetry layer, which gives every
+//! span a W3C trace id and span id. Text lines escape control characters in
+//! what they print ([`EscapedFields`]), so one event is always one line
+//! whatever its fields hold. With `OTEL_EXPORTER_OTLP_ENDPOINT` set, the
+//! spans are exported over OTLP; without it the same layer runs and nothing
+//! receives them, so trace context flows the same way in both cases.
 //! [`inject`] and [`continue_trace`] carry a trace across gRPC, Kafka and
-//! webhooks in the `traceparent` / `tracestate` headers, in either mode,
-//! through OpenTelemetry's W3C propagator ([`HttpHeaders`], [`KafkaHeaders`]).
+//! webhooks in the `traceparent` / `tracestate` headers through
+//! OpenTelemetry's W3C propagator ([`HttpHeaders`], [`KafkaHeaders`]).
 //!
 //! Log lines go to stdout one `write(2)` each, as soon as they are formatted,
 //! so a line is out of the process before the work it reports goes on. A
@@ -23,20 +20,12 @@
 
 use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _},
+    trace::{TraceContextExt, TracerProvider as _},
 };
-use opentelemetry_sdk::{
-    Resource,
-    propagation::TraceContextPropagator,
-    trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider},
-};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry,
-    filter::LevelFilter,
-    layer::SubscriberExt,
-    registry::{LookupSpan, SpanData},
-    util::SubscriberInitExt,
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, registry::LookupSpan, util::SubscriberInitExt,
 };
 
 /// How log lines look.
@@ -134,25 +123,33 @@ where
     let tracer = provider.tracer(service);
 
     let fmt = fmt_layer(format, ansi, writer);
-    // Spans reach the trace layer at INFO whatever RUST_LOG says, so trace
-    // context keeps flowing when an operator turns logs down.
-    // Without busy/idle time and thread attributes: both are work on every
-    // span enter and exit (clock reads) or creation, on every call and record,
-    // for attributes a trace backend already derives or rarely needs.
-    let otel = exporting.then(|| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_filter(LevelFilter::INFO)
-    });
-    let propagation = (!exporting).then(|| Propagation.with_filter(LevelFilter::INFO));
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
-        .with(otel)
-        .with(propagation)
+        .with(trace_layer(tracer))
         .try_init()?;
     Ok(Telemetry { provider })
+}
+
+/// The OpenTelemetry layer: a W3C span context for every span, recorded for
+/// the exporter when there is one.
+fn trace_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    // Spans reach it at INFO whatever RUST_LOG says, so trace context keeps
+    // flowing when an operator turns logs down.
+    // Without busy/idle time, thread and source-location attributes: each is
+    // work on every span (clock reads on enter and exit, allocations) for
+    // attributes a trace backend derives or rarely needs. Without context
+    // activation: the code passes spans explicitly ([`inject`]) and never
+    // reads OpenTelemetry's current context.
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_context_activation(false)
+        .with_filter(LevelFilter::INFO)
 }
 
 /// Whether lines to stdout get colours: on a terminal, unless `NO_COLOR`.
@@ -291,10 +288,7 @@ const W3C_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 /// not empty) of `span`, to put on an outgoing record or request, as
 /// [`TraceContextPropagator`] writes them.
 pub fn inject(span: &tracing::Span) -> Vec<(&'static str, String)> {
-    let cx = match with_propagated(span, |sc| sc.clone()) {
-        Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
-        None => span.context(),
-    };
+    let cx = span.context();
     let mut headers = InjectedHeaders(Vec::with_capacity(2));
     TraceContextPropagator::new().inject_context(&cx, &mut headers);
     headers.0
@@ -353,91 +347,15 @@ impl<H: rdkafka::message::Headers> Extractor for KafkaHeaders<'_, H> {
 /// it started.
 pub fn continue_trace(span: &tracing::Span, carrier: &dyn Extractor) {
     let remote = TraceContextPropagator::new().extract(carrier);
-    let remote_sc = remote.span().span_context().clone();
-    if !remote_sc.is_valid() {
-        return;
-    }
-    let adopted = with_propagated(span, |own| {
-        *own = SpanContext::new(
-            remote_sc.trace_id(),
-            own.span_id(),
-            remote_sc.trace_flags(),
-            false,
-            remote_sc.trace_state().clone(),
-        )
-    });
-    if adopted.is_none() {
+    if remote.span().span_context().is_valid() {
         let _ = span.set_parent(remote);
-    }
-}
-
-/// A new span context: a child of `parent` (its trace id, flags and trace
-/// state, a new span id), or the root of a new sampled trace.
-fn child_of(parent: Option<&SpanContext>) -> SpanContext {
-    let ids = RandomIdGenerator::default();
-    match parent {
-        Some(parent) => SpanContext::new(
-            parent.trace_id(),
-            ids.new_span_id(),
-            parent.trace_flags(),
-            false,
-            parent.trace_state().clone(),
-        ),
-        None => SpanContext::new(
-            ids.new_trace_id(),
-            ids.new_span_id(),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        ),
     }
 }
 
 /// The trace id of `span` as 32 lower-case hex digits, if it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let sc = with_propagated(span, |sc| sc.clone()).unwrap_or_else(|| span.context().span().span_context().clone());
+    let sc = span.context().span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
-/// The span context the propagation-only layer keeps for a span.
-#[derive(Debug, Clone)]
-struct Propagated(SpanContext);
-
-/// Runs `f` on `span`'s context kept by [`Propagation`]; `None` when that
-/// layer is not installed (an exporter is) or the span is disabled.
-fn with_propagated<R>(span: &tracing::Span, f: impl FnOnce(&mut SpanContext) -> R) -> Option<R> {
-    span.with_subscriber(|(id, dispatch)| {
-        let registry = dispatch.downcast_ref::<Registry>()?;
-        let data = registry.span_data(id)?;
-        let mut extensions = data.extensions_mut();
-        extensions.get_mut::<Propagated>().map(|p| f(&mut p.0))
-    })
-    .flatten()
-}
-
-/// Gives every span a W3C span context without recording anything: a new
-/// span id, and the trace id, flags and trace state of its parent span (or of
-/// the remote parent [`continue_trace`] finds), or a new sampled trace.
-#[derive(Debug, Clone, Copy)]
-struct Propagation;
-
-impl<S> Layer<S> for Propagation
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        _attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        let Some(span) = ctx.span(id) else { return };
-        let parent = span
-            .parent()
-            .and_then(|p| p.extensions().get::<Propagated>().map(|p| p.0.clone()));
-        let sc = child_of(parent.as_ref());
-        span.extensions_mut().insert(Propagated(sc));
-    }
 }
 
 #[cfg(test)]
@@ -547,11 +465,16 @@ mod tests {
         ])
     }
 
+    /// The subscriber [`init`] installs, without the lines: the trace layer
+    /// over a provider with no exporter.
+    fn traced() -> impl tracing::Subscriber {
+        tracing_subscriber::registry().with(trace_layer(SdkTracerProvider::builder().build().tracer("test")))
+    }
+
     /// Without an exporter: ids for every span, children in their parent's trace.
     #[test]
-    fn propagation_only_spans_have_w3c_ids_and_share_their_parents_trace() {
-        let subscriber = tracing_subscriber::registry().with(Propagation);
-        tracing::subscriber::with_default(subscriber, || {
+    fn spans_have_w3c_ids_and_share_their_parents_trace() {
+        tracing::subscriber::with_default(traced(), || {
             let root = tracing::info_span!("root");
             let headers = inject(&root);
             assert_eq!(headers.len(), 1, "no empty tracestate: {headers:?}");
@@ -574,11 +497,10 @@ mod tests {
         });
     }
 
-    /// Without an exporter: a remote parent's trace id, flags and state are adopted.
+    /// A remote parent's trace id, flags and state are adopted.
     #[test]
-    fn propagation_only_continues_a_remote_trace() {
-        let subscriber = tracing_subscriber::registry().with(Propagation);
-        tracing::subscriber::with_default(subscriber, || {
+    fn a_remote_trace_is_continued() {
+        tracing::subscriber::with_default(traced(), || {
             let span = tracing::info_span!("event");
             continue_trace(&span, &remote("00"));
             let headers = inject(&span);
@@ -602,25 +524,6 @@ mod tests {
                 before,
                 "an invalid header leaves the span's own trace"
             );
-        });
-    }
-
-    /// With the OpenTelemetry layer (an exporter configured): the same
-    /// headers in and out.
-    #[test]
-    fn the_opentelemetry_layer_continues_and_injects_the_same_headers() {
-        let provider = SdkTracerProvider::builder().build();
-        let subscriber =
-            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("call");
-            continue_trace(&span, &remote("01"));
-            let headers = inject(&span);
-            let (trace, span_id, flags) = parts(&headers);
-            assert_eq!((trace.as_str(), flags.as_str()), (REMOTE_TRACE, "01"));
-            assert_ne!(span_id, "00f067aa0ba902b7");
-            assert_eq!(headers.get(1), Some(&("tracestate", "vendor=x".to_owned())));
-            assert_eq!(trace_id(&span).as_deref(), Some(REMOTE_TRACE));
         });
     }
 
@@ -663,8 +566,7 @@ mod tests {
         assert_eq!(record.keys(), ["traceparent", "traceparent", "tracestate", "empty"]);
         assert_eq!(KafkaHeaders::<OwnedHeaders>(None).get("traceparent"), None);
 
-        let subscriber = tracing_subscriber::registry().with(Propagation);
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(traced(), || {
             let span = tracing::info_span!("event");
             continue_trace(&span, &record);
             assert_eq!(trace_id(&span).as_deref(), Some(REMOTE_TRACE));

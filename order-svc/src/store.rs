@@ -64,6 +64,36 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Appends `n` statement parameters, comma-separated, the first being
+    /// parameter `first`: `?` for SQLite, which numbers them by position,
+    /// `$first, ...` for PostgreSQL. SQLite reads `$n` as a name and looks each
+    /// name up in a list when it prepares the statement and again when sqlx
+    /// binds it, a cost that grows with the square of the parameters: a
+    /// group's statements have hundreds.
+    fn push_params(self, sql: &mut String, first: usize, n: usize) {
+        use std::fmt::Write as _;
+        for i in first..first + n {
+            if i > first {
+                sql.push_str(", ");
+            }
+            match self {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${i}");
+                }
+            }
+        }
+    }
+
+    /// `n` parameters from `first`, as [`Backend::push_params`] writes them.
+    fn params(self, first: usize, n: usize) -> String {
+        let mut sql = String::with_capacity(n * 4);
+        self.push_params(&mut sql, first, n);
+        sql
+    }
+}
+
 /// The `sslmode` values libpq (and sqlx, built with rustls) knows.
 const SSL_MODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
 
@@ -243,14 +273,6 @@ pub fn us_from_timestamp(t: &prost_types::Timestamp) -> i64 {
         .saturating_add(i64::from(t.nanos / 1000))
 }
 
-/// `$first, $first+1, ...`: `n` placeholders.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 impl Store {
     /// Connects to `url` (creating an SQLite file when missing) and applies
     /// the migrations this binary has. A database that a newer binary has
@@ -383,7 +405,7 @@ impl Store {
             not_before_us,
         };
         let Some(creates) = &self.creates else {
-            return write_in_transaction(&self.pool, &[&write])
+            return write_in_transaction(&self.pool, self.backend, &[&write])
                 .await
                 .map(|mut one| one.remove(0));
         };
@@ -438,7 +460,7 @@ impl Store {
         let sql = format!(
             "SELECT order_id, sku, quantity, unit_price_minor FROM order_items \
              WHERE order_id IN ({}) ORDER BY order_id, line",
-            placeholders(1, orders.len())
+            self.backend.params(1, orders.len())
         );
         let mut query = sqlx::query(&sql);
         for order in orders.iter() {
@@ -518,8 +540,9 @@ impl Store {
     async fn update_ids(&self, column: &str, value: i64, ids: &[i64]) -> Result<(), Error> {
         for chunk in ids.chunks(500) {
             let sql = format!(
-                "UPDATE outbox SET {column} = $1 WHERE id IN ({})",
-                placeholders(2, chunk.len())
+                "UPDATE outbox SET {column} = {} WHERE id IN ({})",
+                self.backend.params(1, 1),
+                self.backend.params(2, chunk.len())
             );
             let mut query = sqlx::query(&sql).bind(value);
             for id in chunk {
@@ -596,13 +619,18 @@ impl Store {
 const MAX_BINDS: usize = 30_000;
 
 /// `{head} VALUES ($1, ..., $width), (...), ...{tail}`: `rows` rows of
-/// `width` placeholders.
-fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
-    let values = (0..rows)
-        .map(|row| format!("({})", placeholders(row * width + 1, width)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("{head} VALUES {values}{tail}")
+/// `width` parameters, as `backend` writes them.
+fn insert_sql(backend: Backend, head: &str, width: usize, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + 16 + rows * (width * 6 + 4));
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        backend.push_params(&mut sql, row * width + 1, width);
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
 }
 
 /// Writes `writes` (each order's idempotency key unless taken, the order,
@@ -612,7 +640,11 @@ fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
 /// statement is a hand-off to the connection's thread, so a group commit
 /// costs a few of them, not a few per order. A statement that fails fails
 /// the whole transaction.
-async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Result<Vec<Created>, Error> {
+async fn write_orders(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    writes: &[&OrderWrite],
+) -> Result<Vec<Created>, Error> {
     let created_at_us = |write: &OrderWrite| {
         write
             .order
@@ -629,18 +661,19 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
     let mut keys_won = std::collections::HashSet::new();
     for chunk in keyed.chunks(MAX_BINDS / 5) {
         // An expired key names an old order; the new one takes its place.
-        let expired = (0..chunk.len())
-            .map(|i| {
-                format!(
-                    "(user_id = ${} AND request_id = ${} AND created_at_us < ${})",
-                    i * 3 + 1,
-                    i * 3 + 2,
-                    i * 3 + 3
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        let sql = format!("DELETE FROM idempotency_keys WHERE {expired}");
+        let mut sql = String::from("DELETE FROM idempotency_keys WHERE ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push_str("(user_id = ");
+            backend.push_params(&mut sql, i * 3 + 1, 1);
+            sql.push_str(" AND request_id = ");
+            backend.push_params(&mut sql, i * 3 + 2, 1);
+            sql.push_str(" AND created_at_us < ");
+            backend.push_params(&mut sql, i * 3 + 3, 1);
+            sql.push(')');
+        }
         let mut delete = sqlx::query(&sql).persistent(cached);
         for write in chunk {
             delete = delete
@@ -652,6 +685,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
         // The constraint decides: of two orders with one key (in the store
         // or in this statement) the first keeps it.
         let sql = insert_sql(
+            backend,
             "INSERT INTO idempotency_keys (user_id, request_id, fingerprint, order_id, created_at_us)",
             5,
             chunk.len(),
@@ -678,6 +712,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
 
     for chunk in new.chunks(MAX_BINDS / 7) {
         let sql = insert_sql(
+            backend,
             "INSERT INTO orders (order_id, user_id, request_id, currency, total_minor, created_at_us, event_id)",
             7,
             chunk.len(),
@@ -709,6 +744,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
         .collect();
     for chunk in items.chunks(MAX_BINDS / 5) {
         let sql = insert_sql(
+            backend,
             "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_minor)",
             5,
             chunk.len(),
@@ -732,6 +768,7 @@ async fn write_orders(conn: &mut AnyConnection, writes: &[&OrderWrite]) -> Resul
     let committed_us = now_us();
     for chunk in new.chunks(MAX_BINDS / 5) {
         let sql = insert_sql(
+            backend,
             "INSERT INTO outbox (record_key, value, headers, created_at_us, lease_until_us)",
             5,
             chunk.len(),
@@ -789,13 +826,17 @@ async fn group_commit(pool: sqlx::AnyPool, writer: Arc<Mutex<()>>, mut queue: mp
 /// no savepoint per order.
 async fn write_group(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Vec<Result<Created, Error>> {
     let writes: Vec<&OrderWrite> = group.iter().map(|pending| &pending.write).collect();
-    match write_in_transaction(pool, &writes).await {
+    match write_in_transaction(pool, Backend::Sqlite, &writes).await {
         Ok(created) => created.into_iter().map(Ok).collect(),
         Err(error) => {
             tracing::warn!(%error, orders = group.len(), "group commit failed; writing its orders one by one");
             let mut outcomes = Vec::with_capacity(group.len());
             for write in writes {
-                outcomes.push(write_in_transaction(pool, &[write]).await.map(|mut one| one.remove(0)));
+                outcomes.push(
+                    write_in_transaction(pool, Backend::Sqlite, &[write])
+                        .await
+                        .map(|mut one| one.remove(0)),
+                );
             }
             outcomes
         }
@@ -803,9 +844,13 @@ async fn write_group(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Vec<Resul
 }
 
 /// `writes` in one transaction, all or none of them.
-async fn write_in_transaction(pool: &sqlx::AnyPool, writes: &[&OrderWrite]) -> Result<Vec<Created>, Error> {
+async fn write_in_transaction(
+    pool: &sqlx::AnyPool,
+    backend: Backend,
+    writes: &[&OrderWrite],
+) -> Result<Vec<Created>, Error> {
     let mut tx = pool.begin().await?;
-    match write_orders(&mut tx, writes).await {
+    match write_orders(&mut tx, backend, writes).await {
         Ok(created) => {
             tx.commit().await?;
             Ok(created)
@@ -833,6 +878,23 @@ fn order_from_row(row: &AnyRow) -> Result<Order, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's statements number their parameters by position, PostgreSQL's
+    /// by `$n`, in the same order.
+    #[test]
+    fn parameters_are_positional_for_sqlite_and_numbered_for_postgres() {
+        let head = "INSERT INTO t (a, b)";
+        assert_eq!(
+            insert_sql(Backend::Sqlite, head, 2, 3, " RETURNING a"),
+            "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?) RETURNING a"
+        );
+        assert_eq!(
+            insert_sql(Backend::Postgres, head, 2, 3, ""),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6)"
+        );
+        assert_eq!(Backend::Postgres.params(4, 2), "$4, $5");
+        assert_eq!(Backend::Sqlite.params(4, 2), "?, ?");
+    }
 
     #[test]
     fn headers_round_trip_and_garbage_is_refused() {

@@ -1,6 +1,7 @@
 //! `bench instructions`: CPU instructions per `CreateOrder` call, counted by
-//! valgrind's callgrind over a whole server process, for order-svc and for
-//! ceiling 2 (tonic + produce). Unlike time, an instruction count does not
+//! valgrind's callgrind over a whole server process, for order-svc, for
+//! ceiling 2 (tonic + produce) and for ceiling 6 (tonic + order-svc's store
+//! transaction + produce, on a SQLite store like order-svc's). Unlike time, an instruction count does not
 //! move with the machine's load, so two builds compare on a busy machine.
 //!
 //! Each server runs once per rate, under callgrind, for the same time at a
@@ -70,7 +71,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let brokers = broker.addr();
     let (orders, ceiling) = (format!("instr-{run_id}-orders"), format!("instr-{run_id}-ceiling"));
-    fixtures::create_topics(&brokers, &[(orders.clone(), 3), (ceiling.clone(), 3)]).await?;
+    let stored = format!("instr-{run_id}-ceiling6");
+    fixtures::create_topics(
+        &brokers,
+        &[(orders.clone(), 3), (ceiling.clone(), 3), (stored.clone(), 3)],
+    )
+    .await?;
     let exe = std::env::current_exe()?;
 
     let mut table = Vec::new();
@@ -80,6 +86,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             Server::Ceiling {
                 exe: &exe,
                 topic: &ceiling,
+                stored: false,
+            },
+        ),
+        (
+            "ceiling 6: tonic + store transaction + produce",
+            Server::Ceiling {
+                exe: &exe,
+                topic: &stored,
+                stored: true,
             },
         ),
         (
@@ -110,8 +125,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 /// A server under test.
 #[derive(Debug)]
 enum Server<'a> {
-    /// `bench serve-ceiling --brokers`: tonic + one produce per call.
-    Ceiling { exe: &'a Path, topic: &'a str },
+    /// `bench serve-ceiling --brokers`: tonic + one produce per call; with
+    /// `stored`, a SQLite store's transaction before it (`--database-url`).
+    Ceiling {
+        exe: &'a Path,
+        topic: &'a str,
+        stored: bool,
+    },
     /// order-svc.
     OrderSvc { bin: &'a Path, topic: &'a str },
 }
@@ -119,7 +139,8 @@ enum Server<'a> {
 impl Server<'_> {
     fn file_name(&self) -> &'static str {
         match self {
-            Self::Ceiling { .. } => "ceiling2",
+            Self::Ceiling { stored: false, .. } => "ceiling2",
+            Self::Ceiling { stored: true, .. } => "ceiling6",
             Self::OrderSvc { .. } => "order-svc",
         }
     }
@@ -137,7 +158,7 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
     // Under callgrind a server starts tens of times slower than natively.
     const START: Duration = Duration::from_secs(180);
     let (mut proc, url) = match server {
-        Server::Ceiling { exe, topic } => {
+        Server::Ceiling { exe, topic, stored } => {
             command
                 .arg(exe)
                 .args([
@@ -151,7 +172,10 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
                 ])
                 .arg(format!("--kafka-options={}", s.kafka_options))
                 .stdout(Stdio::piped());
-            let mut proc = Proc::spawn("ceiling 2 under callgrind", command)?;
+            if *stored {
+                command.arg(format!("--database-url={}", sqlite_url(out)));
+            }
+            let mut proc = Proc::spawn("a ceiling under callgrind", command)?;
             let addr = proc.wait_for_line("listening on", START).await?;
             (proc, format!("http://{addr}"))
         }
@@ -164,12 +188,8 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
                 .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
                 .env("KAFKA_OPTIONS", s.kafka_options.to_string())
-                // A fresh SQLite store per measurement in the run's directory
-                // (order-svc's default would be orders.db where bench runs).
-                .env(
-                    "DATABASE_URL",
-                    format!("sqlite://{}", out.with_extension("db").display()),
-                )
+                // order-svc's default would be orders.db where bench runs.
+                .env("DATABASE_URL", sqlite_url(out))
                 .env("RUST_LOG", "info")
                 .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .stdout(std::fs::File::create(out.with_extension("stdout"))?);
@@ -205,6 +225,12 @@ async fn measure(s: &Settings, server: &Server<'_>, brokers: &str, rate: f64, ou
         calls: result.ok + s.connections as u64,
         instructions: callgrind_total(out)?,
     })
+}
+
+/// A fresh SQLite store per measurement, in the run's directory beside
+/// callgrind's output `out`.
+fn sqlite_url(out: &Path) -> String {
+    format!("sqlite://{}", out.with_extension("db").display())
 }
 
 /// The `totals:` (or `summary:`) line of a callgrind output file: every
@@ -266,8 +292,13 @@ fn report(s: &Settings, table: &[(&str, Vec<Count>)]) -> String {
     for ((name, _), per_call) in table.iter().zip(&slopes) {
         let _ = writeln!(out, "| {name} | {per_call:.0} |");
     }
-    if let [ceiling, order_svc] = slopes[..] {
-        let _ = writeln!(out, "\norder-svc / ceiling 2: **{:.3}x**", order_svc / ceiling.max(1.0));
+    if let [ceiling2, ceiling6, order_svc] = slopes[..] {
+        let _ = writeln!(
+            out,
+            "\norder-svc / ceiling 2: **{:.3}x**; order-svc / ceiling 6: **{:.3}x**",
+            order_svc / ceiling2.max(1.0),
+            order_svc / ceiling6.max(1.0)
+        );
     }
     out
 }

@@ -38,7 +38,7 @@ enum Cmd {
     #[command(alias = "serve-bare")]
     ServeCeiling(CeilingArgs),
     /// Count CPU instructions per CreateOrder call (valgrind callgrind,
-    /// whole process) for order-svc and ceiling 2 at fixed rates.
+    /// whole process) for order-svc, ceiling 2 and ceiling 6 at fixed rates.
     Instructions(InstructionsArgs),
 }
 

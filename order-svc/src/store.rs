@@ -292,6 +292,10 @@ impl Store {
                 // WAL: readers never wait for the writer. synchronous=FULL:
                 // a commit is on disk (WAL fsynced) before CreateOrder
                 // answers, so an OK survives a power loss, not only a crash.
+                // temp_store=MEMORY: a statement that may fail half-way
+                // inside a transaction (a group's multi-row INSERTs) keeps
+                // its rollback journal in memory, not in a temporary file
+                // written page by page.
                 options
                     .max_connections(max_connections.clamp(1, 8))
                     .after_connect(|conn, _| {
@@ -301,6 +305,7 @@ impl Store {
                                 "PRAGMA synchronous = FULL",
                                 "PRAGMA busy_timeout = 5000",
                                 "PRAGMA foreign_keys = ON",
+                                "PRAGMA temp_store = MEMORY",
                             ] {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }

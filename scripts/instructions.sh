@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Count CPU instructions per CreateOrder call for order-svc and ceiling 2
-# (tonic + produce) with valgrind's callgrind (BENCHMARKS.md): each server
+# Count CPU instructions per CreateOrder call for order-svc, ceiling 2
+# (tonic + produce) and ceiling 6 (tonic + store transaction + produce) with
+# valgrind's callgrind (BENCHMARKS.md): each server
 # runs once per rate under callgrind, the whole process counted, and the
 # slope between rates is the cost of one call. Instruction counts do not
 # move with the machine's load, unlike times.
 #
-#   scripts/instructions.sh                              # Apache Kafka, 100,200,400 calls/s, 10 s each
-#   scripts/instructions.sh --rates 50,100,200 --duration 20s
+#   scripts/instructions.sh                              # Apache Kafka, 25,50,100 calls/s, 20 s each
+#   scripts/instructions.sh --rates 20,40,80 --duration 30s
 #   scripts/instructions.sh --broker tansu
 # Other flags: `target/release/bench instructions --help`. Needs valgrind.
 set -euo pipefail

@@ -45,11 +45,14 @@ enum Cmd {
 #[derive(Debug, Args)]
 struct InstructionsArgs {
     /// Open-loop rates, calls/s, comma-separated (at least two: the cost of
-    /// a call is the slope between them).
-    #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+    /// a call is the slope between them). Low enough that under callgrind
+    /// each order still commits alone: at rates where orders queue for the
+    /// store, the group sizes, and with them the count per call, vary from
+    /// run to run.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100")]
     rates: Vec<f64>,
     /// How long each rate runs.
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "20s", value_parser = humantime_duration)]
     duration: Duration,
     /// HTTP/2 connections of the generator.
     #[arg(long, default_value_t = 4)]

@@ -7,7 +7,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use testkit::header;
 
 use crate::helpers::{
-    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, order_created, order_id,
+    Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, order_created, order_id, webhook_setup,
 };
 
 async fn dead_letters(broker: &testkit::Broker, topic: &str, want: usize) -> Vec<OwnedMessage> {
@@ -47,10 +47,7 @@ fn assert_dead_letter(message: &OwnedMessage, topic: &str, offset: i64, class: &
 
 #[tokio::test]
 async fn garbage_and_unknown_types_are_dead_lettered_as_they_were_and_the_partition_moves_on() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     // Offset 0: bytes that are not protobuf, with a header of their own.
     let garbage = b"\xff\xff\xffnot an event".to_vec();
@@ -120,10 +117,7 @@ async fn garbage_and_unknown_types_are_dead_lettered_as_they_were_and_the_partit
 
 #[tokio::test]
 async fn a_permanent_refusal_is_dead_lettered_without_retries() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let refused = order_created();
     receiver.set(&order_id(&refused), Behaviour::Always(400));
@@ -145,12 +139,7 @@ async fn a_permanent_refusal_is_dead_lettered_without_retries() {
 
 #[tokio::test]
 async fn exhausted_retries_are_dead_lettered_after_retry_max_attempts() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let mut config = config(&broker, &topic, &group, Some(&receiver));
-    config.retry_max_attempts = 3;
-    let app = TestApp::spawn_ready(config).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |config| config.retry_max_attempts = 3).await;
 
     let failing = order_created();
     receiver.set(&order_id(&failing), Behaviour::Always(503));
@@ -174,12 +163,7 @@ async fn exhausted_retries_are_dead_lettered_after_retry_max_attempts() {
 
 #[tokio::test]
 async fn a_record_over_max_record_bytes_is_dead_lettered() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let mut config = config(&broker, &topic, &group, Some(&receiver));
-    config.max_record_bytes = 1024;
-    let app = TestApp::spawn_ready(config).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |config| config.max_record_bytes = 1024).await;
 
     let mut big = order_created();
     big.order.as_mut().unwrap().user_id = "u".repeat(2000);
@@ -228,10 +212,7 @@ async fn a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_i
 
 #[tokio::test]
 async fn a_redirect_is_not_followed_and_is_dead_lettered() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let moved = order_created();
     receiver.set(&order_id(&moved), Behaviour::Redirect);

@@ -4,14 +4,11 @@
 
 use std::time::Duration;
 
-use crate::helpers::{Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_id};
+use crate::helpers::{Behaviour, WAIT, metric, order_id, webhook_setup};
 
 #[tokio::test]
 async fn a_valid_record_is_notified_once_with_its_json_and_idempotency_key() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let event = publisher.order(None).await;
     let id = order_id(&event);
@@ -61,10 +58,7 @@ async fn a_valid_record_is_notified_once_with_its_json_and_idempotency_key() {
 
 #[tokio::test]
 async fn a_transient_failure_is_retried_and_then_delivered() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let event = crate::helpers::order_created();
     let id = order_id(&event);
@@ -96,10 +90,7 @@ async fn a_transient_failure_is_retried_and_then_delivered() {
 
 #[tokio::test]
 async fn a_duplicate_event_id_is_suppressed() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let event = publisher.order(None).await;
     receiver.wait_delivered(&order_id(&event), WAIT).await;
@@ -121,15 +112,13 @@ async fn a_duplicate_event_id_is_suppressed() {
 
 #[tokio::test]
 async fn one_partitions_retries_do_not_stall_another_partition() {
-    let (broker, topic, group) = broker_with_topic(2).await;
-    let receiver = Receiver::start().await;
-    let mut config = config(&broker, &topic, &group, Some(&receiver));
-    config.retry_max_attempts = 10;
-    // The backlog behind the stuck record fits in partition 0's buffer, so the
-    // fetch loop keeps serving partition 1 while partition 0 retries.
-    config.partition_buffer = 16;
-    let app = TestApp::spawn_ready(config).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(2, |config| {
+        config.retry_max_attempts = 10;
+        // The backlog behind the stuck record fits in partition 0's buffer, so the
+        // fetch loop keeps serving partition 1 while partition 0 retries.
+        config.partition_buffer = 16;
+    })
+    .await;
 
     // Partition 0: a record whose webhook is slow and fails twice (>= 6 s),
     // then a backlog behind it.
@@ -174,10 +163,7 @@ async fn one_partitions_retries_do_not_stall_another_partition() {
 
 #[tokio::test]
 async fn notifications_reuse_one_connection() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let mut events = Vec::new();
     for _ in 0..5 {
@@ -193,13 +179,11 @@ async fn notifications_reuse_one_connection() {
 
 #[tokio::test]
 async fn a_stream_through_small_buffers_arrives_complete_once_and_in_partition_order() {
-    let (broker, topic, group) = broker_with_topic(2).await;
-    let receiver = Receiver::start().await;
-    let mut config = config(&broker, &topic, &group, Some(&receiver));
-    // The fetch loop waits on full buffers many times over.
-    config.partition_buffer = 3;
-    let app = TestApp::spawn_ready(config).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(2, |config| {
+        // The fetch loop waits on full buffers many times over.
+        config.partition_buffer = 3;
+    })
+    .await;
 
     let mut published: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for i in 0..200 {

@@ -17,6 +17,7 @@ use testkit::eventually;
 
 use crate::helpers::{
     Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id, series,
+    webhook_setup,
 };
 
 /// An order whose id carries its partition and its place in that partition.
@@ -61,16 +62,14 @@ fn delivered_per_partition(receiver: &Receiver) -> HashMap<i32, Vec<usize>> {
 
 #[tokio::test]
 async fn a_full_partition_buffer_pauses_that_partition_only_and_it_drains_in_order_once() {
-    let (broker, topic, group) = broker_with_topic(2).await;
-    let receiver = Receiver::start().await;
-    let mut config = config(&broker, &topic, &group, Some(&receiver));
     // Retries go on until the receiver heals; two records fill a buffer, and
     // a few more held ones (1 KiB) pause the partition.
-    config.retry_max_attempts = 100_000;
-    config.partition_buffer = 2;
-    hold_little(&mut config);
-    let app = TestApp::spawn_ready(config).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, topic, receiver, app, publisher) = webhook_setup(2, |config| {
+        config.retry_max_attempts = 100_000;
+        config.partition_buffer = 2;
+        hold_little(config);
+    })
+    .await;
     let tag = testkit::unique("flow");
 
     // Partition 0's first record is refused until healed: its worker retries,

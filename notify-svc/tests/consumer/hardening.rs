@@ -3,7 +3,7 @@
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
-use crate::helpers::{Receiver, TestApp, WAIT, broker_with_topic, config, order_id};
+use crate::helpers::{WAIT, order_id, webhook_setup};
 
 /// The value of the first header called `name`, as a reader scanning the
 /// headers in order finds it.
@@ -25,10 +25,7 @@ fn keys(message: &OwnedMessage) -> Vec<String> {
 
 #[tokio::test]
 async fn a_records_own_dlq_headers_are_not_copied_into_its_dead_letter() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = crate::helpers::Publisher::new(&broker, &topic);
+    let (broker, topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     // Offset 0: undecodable, carrying forged dead-letter context.
     publisher

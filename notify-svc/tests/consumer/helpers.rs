@@ -382,6 +382,22 @@ pub(crate) fn order_id(event: &OrderCreated) -> String {
     event.order.as_ref().unwrap().order_id.clone()
 }
 
+/// What most tests start from: the shared broker with a new topic, a
+/// webhook receiver, notify-svc ready with [`config`] for both (changed by
+/// the test's `tweak`), and a publisher to the topic.
+pub(crate) async fn webhook_setup(
+    partitions: i32,
+    tweak: impl FnOnce(&mut Config),
+) -> (Broker, String, Receiver, TestApp, Publisher) {
+    let (broker, topic, group) = broker_with_topic(partitions).await;
+    let receiver = Receiver::start().await;
+    let mut config = config(&broker, &topic, &group, Some(&receiver));
+    tweak(&mut config);
+    let app = TestApp::spawn_ready(config).await;
+    let publisher = Publisher::new(&broker, &topic);
+    (broker, topic, receiver, app, publisher)
+}
+
 /// Publishes raw records, optionally to a given partition.
 #[derive(Clone)]
 pub(crate) struct Publisher {

@@ -6,15 +6,12 @@ use std::time::Duration;
 
 use crate::helpers::{
     Behaviour, Publisher, Receiver, TestApp, WAIT, broker_with_topic, config, metric, order_created, order_id,
-    own_broker_with_topic, series,
+    own_broker_with_topic, series, webhook_setup,
 };
 
 #[tokio::test]
 async fn metrics_after_traffic_show_the_right_counts() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let ok = publisher.order(None).await;
     let flaky = order_created();
@@ -120,10 +117,7 @@ async fn readiness_follows_the_broker_and_consumption_resumes_after_it_returns()
 
 #[tokio::test]
 async fn a_traceparent_on_the_record_carries_into_the_notification() {
-    let (broker, topic, group) = broker_with_topic(1).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::spawn_ready(config(&broker, &topic, &group, Some(&receiver))).await;
-    let publisher = Publisher::new(&broker, &topic);
+    let (_broker, _topic, receiver, app, publisher) = webhook_setup(1, |_| {}).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let traced = order_created();

@@ -1,8 +1,9 @@
 //! `bench instructions`: CPU instructions per `CreateOrder` call, counted by
 //! valgrind's callgrind over a whole server process, for order-svc, for
 //! ceiling 2 (tonic + produce) and for ceiling 6 (tonic + order-svc's store
-//! transaction + produce, on a SQLite store like order-svc's). Unlike time, an instruction count does not
-//! move with the machine's load, so two builds compare on a busy machine.
+//! transaction + produce, on a SQLite store like order-svc's). Unlike time,
+//! an instruction count does not move with the machine's load, so two
+//! builds compare on a busy machine.
 //!
 //! Each server runs once per rate, under callgrind, for the same time at a
 //! fixed open-loop rate; start-up, shutdown and idle work (timers,

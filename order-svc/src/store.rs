@@ -62,9 +62,7 @@ impl Backend {
             ))
         }
     }
-}
 
-impl Backend {
     /// Appends `n` statement parameters, comma-separated, the first being
     /// parameter `first`: `?` for SQLite, which numbers them by position,
     /// `$first, ...` for PostgreSQL. SQLite reads `$n` as a name and looks each

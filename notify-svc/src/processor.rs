@@ -10,7 +10,7 @@ use std::{
 };
 
 use orders_contract::envelope::{self, Event};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use service_kit::telemetry;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -51,30 +51,6 @@ pub struct Processor {
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
     max_record_bytes: usize,
-}
-
-/// A record's headers, read once: each lookup through librdkafka walks
-/// every header and checks its name's UTF-8, and a record is asked for
-/// about ten by name (the envelope's and the trace context's).
-struct RecordHeaders<'m>(Vec<(&'m str, Option<&'m [u8]>)>);
-
-impl<'m> RecordHeaders<'m> {
-    fn of(message: &'m OwnedMessage) -> Self {
-        Self(
-            message
-                .headers()
-                .map_or_else(Vec::new, |h| h.iter().map(|h| (h.key, h.value)).collect()),
-        )
-    }
-
-    /// The last value of the header `name` (a later one overrides).
-    fn get(&self, name: &str) -> Option<&'m [u8]> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(key, _)| *key == name)
-            .and_then(|(_, value)| *value)
-    }
 }
 
 impl Processor {
@@ -122,8 +98,8 @@ impl Processor {
         self.metrics.consumed.inc();
         // Decoded before the span exists, so the span is created with every
         // field at once: each later `record` formats the span's fields again.
-        let headers = RecordHeaders::of(message);
-        let decoded = envelope::decode(|name| headers.get(name), message.payload(), self.max_record_bytes);
+        let headers = telemetry::KafkaHeaders::of(message.headers());
+        let decoded = envelope::decode(|name| headers.value(name), message.payload(), self.max_record_bytes);
         let event = match &decoded {
             Ok(Event::OrderCreated(event)) => Some(event),
             Err(_) => None,
@@ -136,7 +112,7 @@ impl Processor {
             order_id = event.and_then(|e| e.order.as_ref()).map(|o| o.order_id.as_str()),
             event_id = event.map(|e| e.event_id.as_str()),
         );
-        telemetry::continue_trace(&span, &telemetry::KafkaHeaders(message.headers()));
+        telemetry::continue_trace(&span, &headers);
         let outcome = async {
             match decoded {
                 Err(error) => {

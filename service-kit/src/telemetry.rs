@@ -323,22 +323,35 @@ impl Extractor for HttpHeaders<'_> {
     }
 }
 
-/// A Kafka record's headers (`message.headers()`), read by the propagator.
-/// Of two headers with one name, the later one counts.
-#[derive(Debug, Clone, Copy)]
-pub struct KafkaHeaders<'a, H>(pub Option<&'a H>);
+/// A Kafka record's headers (`message.headers()`), read once: each lookup
+/// through librdkafka walks every header and checks its name's UTF-8, and a
+/// record is asked for about ten by name (its envelope's and its trace
+/// context's). Of two headers with one name, the later one counts.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaHeaders<'a>(Vec<(&'a str, Option<&'a [u8]>)>);
 
-impl<H: rdkafka::message::Headers> Extractor for KafkaHeaders<'_, H> {
-    fn get(&self, key: &str) -> Option<&str> {
-        let headers = self.0?;
-        (0..headers.count())
+impl<'a> KafkaHeaders<'a> {
+    /// The headers of a record, `None` when it has none.
+    pub fn of<H: rdkafka::message::Headers>(headers: Option<&'a H>) -> Self {
+        Self(headers.map_or_else(Vec::new, |h| h.iter().map(|h| (h.key, h.value)).collect()))
+    }
+
+    /// The value of the last header named `name`.
+    pub fn value(&self, name: &str) -> Option<&'a [u8]> {
+        self.0
+            .iter()
             .rev()
-            .filter_map(|i| headers.try_get(i))
-            .find(|h| h.key == key)
-            .and_then(|h| std::str::from_utf8(h.value?).ok())
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| *value)
+    }
+}
+
+impl Extractor for KafkaHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.value(key).and_then(|value| std::str::from_utf8(value).ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.map_or_else(Vec::new, |h| h.iter().map(|h| h.key).collect())
+        self.0.iter().map(|(key, _)| *key).collect()
     }
 }
 
@@ -559,12 +572,12 @@ mod tests {
                 key: "empty",
                 value: None,
             });
-        let record = KafkaHeaders(Some(&headers));
+        let record = KafkaHeaders::of(Some(&headers));
         assert_eq!(record.get("traceparent"), Some(traceparent.as_str()));
         assert_eq!(record.get("tracestate"), None);
         assert_eq!(record.get("empty"), None);
         assert_eq!(record.keys(), ["traceparent", "traceparent", "tracestate", "empty"]);
-        assert_eq!(KafkaHeaders::<OwnedHeaders>(None).get("traceparent"), None);
+        assert_eq!(KafkaHeaders::of::<OwnedHeaders>(None).get("traceparent"), None);
 
         tracing::subscriber::with_default(traced(), || {
             let span = tracing::info_span!("event");

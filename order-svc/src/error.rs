@@ -123,9 +123,9 @@ impl From<Error> for Status {
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::Publish(e) => match e.kind() {
-                crate::publisher::Kind::Overloaded => Status::resource_exhausted(message),
-                crate::publisher::Kind::Unavailable => Status::unavailable(message),
-                crate::publisher::Kind::Rejected => Status::internal(message),
+                crate::publisher::PublishErrorKind::Overloaded => Status::resource_exhausted(message),
+                crate::publisher::PublishErrorKind::Unavailable => Status::unavailable(message),
+                crate::publisher::PublishErrorKind::Rejected => Status::internal(message),
             },
             Error::InvalidField { field, description } => {
                 let mut details = ErrorDetails::new();

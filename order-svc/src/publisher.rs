@@ -66,7 +66,7 @@ pub fn producer_defaults(publish_timeout: Duration, max_concurrent_calls: u64) -
 
 /// What kind of failure a [`PublishError`] is, for the caller's status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum PublishErrorKind {
     /// The broker is unreachable or slow: retry later, with the same request_id.
     Unavailable,
     /// The local queue is full: shed load.
@@ -94,10 +94,10 @@ pub enum PublishError {
 
 impl PublishError {
     /// How the caller should treat it.
-    pub fn kind(&self) -> Kind {
+    pub fn kind(&self) -> PublishErrorKind {
         match self {
-            PublishError::Timeout(_) | PublishError::Canceled => Kind::Unavailable,
-            PublishError::QueueFull => Kind::Overloaded,
+            PublishError::Timeout(_) | PublishError::Canceled => PublishErrorKind::Unavailable,
+            PublishError::QueueFull => PublishErrorKind::Overloaded,
             PublishError::Kafka(e) => match e.rdkafka_error_code() {
                 Some(
                     RDKafkaErrorCode::MessageSizeTooLarge
@@ -105,8 +105,8 @@ impl PublishError {
                     | RDKafkaErrorCode::TopicAuthorizationFailed
                     | RDKafkaErrorCode::ClusterAuthorizationFailed
                     | RDKafkaErrorCode::InvalidRecord,
-                ) => Kind::Rejected,
-                _ => Kind::Unavailable,
+                ) => PublishErrorKind::Rejected,
+                _ => PublishErrorKind::Unavailable,
             },
         }
     }

@@ -33,7 +33,7 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://orders.db", hide_env_values = true, value_parser = Quiet::<Secret>::new())]
     pub database_url: Secret,
 
-    /// Most connections to the order store (SQLite uses at most 8).
+    /// Most connections to the order store (SQLite: one writer and at most 8 readers).
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub database_max_connections: u32,
 

@@ -21,12 +21,13 @@ use std::{sync::Arc, time::Duration};
 use orders_contract::v1::{LineItem, Order};
 use service_kit::secret::Secret;
 use sqlx::{
-    AnyConnection, Row,
-    any::{AnyPoolOptions, AnyRow},
+    Any, AnyConnection, Row,
+    any::{AnyArguments, AnyPoolOptions, AnyRow},
     migrate::{MigrateError, Migrator},
     pool::PoolOptions,
+    query::Query,
 };
-use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::Error;
 
@@ -220,9 +221,15 @@ pub struct OutboxStats {
 pub struct Store {
     pool: sqlx::AnyPool,
     backend: Backend,
-    /// SQLite has one writer: writes take turns here instead of in SQLite's
-    /// busy handler, which sleeps up to 100 ms between tries.
-    writer: Option<Arc<Mutex<()>>>,
+    /// SQLite's writer: every write runs on this one connection, in turn,
+    /// and the pool serves reads. Writes take turns here instead of in
+    /// SQLite's busy handler, which sleeps up to 100 ms between tries. And a
+    /// connection keeps its page cache only while no other connection
+    /// writes: with every write on one connection, the pages writes touch
+    /// (the ends of the tables and indexes) stay cached between transactions
+    /// instead of being read back for each, and one cache holds them, not
+    /// one per pooled connection.
+    writer: Option<Arc<Mutex<AnyConnection>>>,
     /// SQLite's orders go through one group commit ([`group_commit`]): its
     /// statements run in-process and cost little beside the fsync of each
     /// commit, so sharing the commit is what raises its rate. PostgreSQL
@@ -326,10 +333,17 @@ impl Store {
             MigrateError::VersionMissing(found) => Error::StoreTooNew { found, known },
             other => Error::Migrate(other.to_string()),
         })?;
-        let writer = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        let writer = match backend {
+            Backend::Sqlite => {
+                // Out of the pool, with the pool's connection settings.
+                let conn = pool.acquire().await.map_err(|e| Error::StoreConnect(e.to_string()))?;
+                Some(Arc::new(Mutex::new(conn.detach())))
+            }
+            Backend::Postgres => None,
+        };
         let creates = writer.clone().map(|writer| {
             let (creates, queue) = mpsc::channel(GROUP_COMMIT_MAX * 4);
-            tokio::spawn(group_commit(pool.clone(), writer, queue));
+            tokio::spawn(group_commit(writer, queue));
             creates
         });
         Ok(Self {
@@ -354,11 +368,22 @@ impl Store {
         migrator.iter().map(|m| m.version).max().unwrap_or(0)
     }
 
-    async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
-        match &self.writer {
-            Some(writer) => Some(writer.lock().await),
-            None => None,
+    /// Runs `query`, a write, and returns its rows: on SQLite on the writer
+    /// in its turn, on PostgreSQL on the pool.
+    async fn write<'q>(&self, query: Query<'q, Any, AnyArguments<'q>>) -> Result<Vec<AnyRow>, Error> {
+        Ok(match &self.writer {
+            Some(writer) => query.fetch_all(&mut *writer.lock().await).await?,
+            None => query.fetch_all(&self.pool).await?,
+        })
+    }
+
+    /// Runs `query`, a write, and returns how many rows it changed.
+    async fn execute<'q>(&self, query: Query<'q, Any, AnyArguments<'q>>) -> Result<u64, Error> {
+        Ok(match &self.writer {
+            Some(writer) => query.execute(&mut *writer.lock().await).await?,
+            None => query.execute(&self.pool).await?,
         }
+        .rows_affected())
     }
 
     /// Whether the store answers.
@@ -504,12 +529,13 @@ impl Store {
                ORDER BY o.id LIMIT $3 {lock}) \
              RETURNING id, record_key, value, headers"
         );
-        let _turn = self.write_turn().await;
-        let rows = sqlx::query(&sql)
-            .bind(lease_until_us)
-            .bind(now_us)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+        let rows = self
+            .write(
+                sqlx::query(&sql)
+                    .bind(lease_until_us)
+                    .bind(now_us)
+                    .bind(i64::from(limit)),
+            )
             .await?;
         let mut claimed = rows
             .iter()
@@ -551,8 +577,7 @@ impl Store {
             for id in chunk {
                 query = query.bind(*id);
             }
-            let _turn = self.write_turn().await;
-            query.execute(&self.pool).await?;
+            self.execute(query).await?;
         }
         Ok(())
     }
@@ -561,13 +586,10 @@ impl Store {
     /// only one using the file, so whatever a previous process had leased
     /// and not published goes out now rather than when the lease expires.
     pub async fn release_all(&self) -> Result<u64, Error> {
-        let _turn = self.write_turn().await;
-        Ok(
-            sqlx::query("UPDATE outbox SET lease_until_us = 0 WHERE published_at_us IS NULL AND lease_until_us > 0")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        self.execute(sqlx::query(
+            "UPDATE outbox SET lease_until_us = 0 WHERE published_at_us IS NULL AND lease_until_us > 0",
+        ))
+        .await
     }
 
     /// The unpublished rows: how many, and the oldest one's commit time.
@@ -600,8 +622,7 @@ impl Store {
                 keys_before_us
             };
             loop {
-                let _turn = self.write_turn().await;
-                let n = sqlx::query(sql).bind(before).execute(&self.pool).await?.rows_affected();
+                let n = self.execute(sqlx::query(sql).bind(before)).await?;
                 removed += n;
                 if n < 5000 {
                     break;
@@ -808,13 +829,10 @@ async fn write_orders(
 /// transaction and one fsync for all of them instead of one each, so the
 /// embedded store's rate is not bounded by one disk flush per order. The
 /// task ends when the store is dropped.
-async fn group_commit(pool: sqlx::AnyPool, writer: Arc<Mutex<()>>, mut queue: mpsc::Receiver<PendingCreate>) {
+async fn group_commit(writer: Arc<Mutex<AnyConnection>>, mut queue: mpsc::Receiver<PendingCreate>) {
     let mut group = Vec::with_capacity(GROUP_COMMIT_MAX);
     while queue.recv_many(&mut group, GROUP_COMMIT_MAX).await > 0 {
-        let outcomes = {
-            let _turn = writer.lock().await;
-            write_group(&pool, &group).await
-        };
+        let outcomes = write_group(&mut *writer.lock().await, &group).await;
         for (pending, outcome) in group.drain(..).zip(outcomes) {
             // A call that gave up waiting has dropped its receiver; its order
             // is committed all the same, as after a timeout.
@@ -827,16 +845,16 @@ async fn group_commit(pool: sqlx::AnyPool, writer: Arc<Mutex<()>>, mut queue: mp
 /// does the group is rolled back and each order written in a transaction
 /// of its own, so a failing order fails only itself; the common path pays
 /// no savepoint per order.
-async fn write_group(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Vec<Result<Created, Error>> {
+async fn write_group(writer: &mut AnyConnection, group: &[PendingCreate]) -> Vec<Result<Created, Error>> {
     let writes: Vec<&OrderWrite> = group.iter().map(|pending| &pending.write).collect();
-    match write_in_transaction(pool, Backend::Sqlite, &writes).await {
+    match write_in_transaction(&mut *writer, Backend::Sqlite, &writes).await {
         Ok(created) => created.into_iter().map(Ok).collect(),
         Err(error) => {
             tracing::warn!(%error, orders = group.len(), "group commit failed; writing its orders one by one");
             let mut outcomes = Vec::with_capacity(group.len());
             for write in writes {
                 outcomes.push(
-                    write_in_transaction(pool, Backend::Sqlite, &[write])
+                    write_in_transaction(&mut *writer, Backend::Sqlite, &[write])
                         .await
                         .map(|mut one| one.remove(0)),
                 );
@@ -846,13 +864,14 @@ async fn write_group(pool: &sqlx::AnyPool, group: &[PendingCreate]) -> Vec<Resul
     }
 }
 
-/// `writes` in one transaction, all or none of them.
-async fn write_in_transaction(
-    pool: &sqlx::AnyPool,
+/// `writes` in one transaction on `conn` (a connection or the pool), all
+/// or none of them.
+async fn write_in_transaction<'c>(
+    conn: impl sqlx::Acquire<'c, Database = Any>,
     backend: Backend,
     writes: &[&OrderWrite],
 ) -> Result<Vec<Created>, Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     match write_orders(&mut tx, backend, writes).await {
         Ok(created) => {
             tx.commit().await?;
